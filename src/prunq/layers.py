@@ -1,0 +1,121 @@
+"""Which layers prunq compresses, and a canonical view of their weights.
+
+Every compressible weight is viewed as ``(out_channels, in_channels_per_group, *kernel)`` -- the
+*canonical* layout -- whatever its module stores (``ConvTranspose`` keeps ``(in, out/groups, *k)``).
+Granularities, per-channel quantizers and the cost model all work on that one layout, so a grouped
+transposed convolution is handled by the same code as a Linear.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+COMPRESSIBLE: tuple[type[nn.Module], ...] = (*_CONV, *_CONV_T, nn.Linear)
+
+
+def is_compressible(module: nn.Module) -> bool:
+    """True for the layer types whose ``weight`` prunq prunes and quantizes (METHOD.md §2)."""
+    return isinstance(module, COMPRESSIBLE)
+
+
+def matches(name: str, patterns: Iterable[str]) -> bool:
+    """Shell-style name match (``fnmatch``): ``"fc*"``, ``"*.conv1"``, ``"layer1.*"``."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def compressible_layers(model: nn.Module, exclude: Iterable[str] = ()) -> Iterator[tuple[str, nn.Module]]:
+    """Yield ``(name, module)`` for every compressible layer not excluded by name pattern.
+
+    >>> m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4, 2))
+    >>> [n for n, _ in compressible_layers(m)]
+    ['0', '3']
+    """
+    exclude = list(exclude)
+    for name, module in model.named_modules():
+        if is_compressible(module) and not matches(name, exclude):
+            yield name, module
+
+
+def _groups(module: nn.Module) -> int:
+    return int(getattr(module, "groups", 1))
+
+
+def out_channels(module: nn.Module) -> int:
+    """Number of output channels (rows of the canonical view)."""
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    return int(module.out_channels)
+
+
+def canonical_shape(module: nn.Module, shape: torch.Size | None = None) -> tuple[int, ...]:
+    """Shape of the canonical view ``(out, in_per_group, *kernel)`` of ``module.weight``."""
+    shape = tuple(shape if shape is not None else _raw_weight(module).shape)
+    if isinstance(module, _CONV_T):
+        g = _groups(module)
+        in_ch, out_pg, *k = shape
+        return (out_pg * g, in_ch // g, *k)
+    return shape
+
+
+def _raw_weight(module: nn.Module) -> torch.Tensor:
+    # Under a parametrization, ``module.weight`` recomputes the effective weight; the original
+    # parameter has the same shape, so read that to avoid work.
+    p = getattr(module, "parametrizations", None)
+    if p is not None and "weight" in p:
+        return p["weight"].original
+    return module.weight
+
+
+def to_canonical(w: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """View a weight stored in ``module``'s layout as ``(out, in_per_group, *kernel)`` (a copy only for ConvTranspose)."""
+    if isinstance(module, _CONV_T):
+        g = _groups(module)
+        in_ch, out_pg, *k = w.shape
+        w = w.reshape(g, in_ch // g, out_pg, *k).transpose(1, 2)
+        return w.reshape(g * out_pg, in_ch // g, *k)
+    return w
+
+
+def from_canonical(c: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """Inverse of :func:`to_canonical`."""
+    if isinstance(module, _CONV_T):
+        g = _groups(module)
+        out, in_pg, *k = c.shape
+        c = c.reshape(g, out // g, in_pg, *k).transpose(1, 2)
+        return c.reshape(g * in_pg, out // g, *k)
+    return c
+
+
+def channel_shape(module: nn.Module) -> tuple[int, ...]:
+    """Shape that broadcasts one value per *output channel* against the stored weight.
+
+    Only defined when that is possible without a reshape: every layer except a grouped
+    ConvTranspose (use :func:`to_canonical` there).
+    """
+    w = _raw_weight(module)
+    if isinstance(module, _CONV_T):
+        if _groups(module) != 1:
+            raise ValueError("grouped ConvTranspose has no broadcastable per-channel shape; use to_canonical")
+        return (1, w.shape[1], *([1] * (w.dim() - 2)))
+    return (w.shape[0], *([1] * (w.dim() - 1)))
+
+
+def macs_per_sample(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
+    """Dense multiply-accumulates of one forward of ``module`` for one sample of the batch.
+
+    Conv / Linear: output elements x weights per output element. ConvTranspose: every input element
+    is multiplied by ``out/groups * prod(kernel)`` weights.
+    """
+    w = _raw_weight(module)
+    batch = inp.shape[0] if inp.dim() > 1 else 1
+    if isinstance(module, _CONV_T):
+        per_in = w.shape[1] * int(torch.tensor(w.shape[2:]).prod().item() if w.dim() > 2 else 1)
+        return int(inp.numel() // batch) * per_in
+    fan_in = w[0].numel()
+    return int(out.numel() // batch) * fan_in

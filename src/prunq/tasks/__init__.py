@@ -1,0 +1,23 @@
+"""Tasks: classification (digits, CIFAR-10) and, later, stereo depth estimation."""
+
+from __future__ import annotations
+
+from prunq.errors import PrunqError
+from prunq.tasks.base import Task
+
+__all__ = ["Task", "get_task", "TASKS"]
+
+TASKS = ("digits", "cifar10")
+
+
+def get_task(name: str, **kwargs) -> Task:
+    """Build a task by name (``task.name`` in a recipe)."""
+    if name == "digits":
+        from prunq.tasks.classification.digits import DigitsTask
+
+        return DigitsTask(**kwargs)
+    if name == "cifar10":
+        from prunq.tasks.classification.cifar import Cifar10Task
+
+        return Cifar10Task(**kwargs)
+    raise PrunqError(f"task.name: unknown task {name!r} (choose from {', '.join(TASKS)})")

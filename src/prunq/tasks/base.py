@@ -1,0 +1,54 @@
+"""What the pipeline needs from a task: data, a loss, a metric, a model zoo.
+
+A task is a small object; the pipeline never looks inside a batch. A batch is whatever the task's
+loaders yield (a tuple of tensors); :meth:`Task.loss` and :meth:`Task.evaluate` interpret it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Task(ABC):
+    """A compression target: data, a loss to fine-tune with, and the metric to report.
+
+    Subclasses set ``name``, ``metric_name`` and ``higher_is_better`` and implement the methods.
+    """
+
+    name: str
+    metric_name: str
+    higher_is_better: bool = True
+
+    @abstractmethod
+    def build_model(self, name: str, **kwargs: Any) -> nn.Module:
+        """A fresh (untrained) model from this task's zoo; unknown ``name`` raises PrunqError."""
+
+    @abstractmethod
+    def train_batches(self, batch_size: int, seed: int) -> Iterable[tuple[torch.Tensor, ...]]:
+        """One shuffled epoch of training batches (a new shuffle for each ``seed``)."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The fine-tuning loss of ``model`` on ``batch`` (a scalar, differentiable)."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+        """Metrics on the test split; ``{"metric": float, ...}`` with ``metric`` the task's headline."""
+
+    @abstractmethod
+    def example_inputs(self) -> tuple[torch.Tensor, ...]:
+        """Positional inputs for one forward at batch size 1 (used to count MACs)."""
+
+    def calibration_batches(self, n: int, batch_size: int, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
+        """``n`` training batches for calibration and scoring (default: the first of an epoch)."""
+        out: list[tuple[torch.Tensor, ...]] = []
+        for batch in self.train_batches(batch_size, seed):
+            out.append(batch)
+            if len(out) >= n:
+                break
+        return out
