@@ -1,3 +1,68 @@
-"""prunq: joint pruning and quantization to extreme sparsity and low bit-width."""
+"""prunq: joint pruning and quantization of neural networks to extreme sparsity and low bit-width.
+
+The public API, and nothing else. Names are imported lazily so that ``prunq report`` starts without
+loading torch.
+
+>>> import prunq                                               # doctest: +SKIP
+>>> task = prunq.get_task("digits")                            # doctest: +SKIP
+>>> result = prunq.compress(model, task, "recipes/digits.yaml")  # doctest: +SKIP
+>>> prunq.load("runs/demo")                                    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "compress": "prunq.pipeline",
+    "CompressResult": "prunq.pipeline",
+    "train_dense": "prunq.pipeline",
+    "load": "prunq.io",
+    "Pruner": "prunq.pruner",
+    "PruneConfig": "prunq.pruner",
+    "Granularity": "prunq.granularity",
+    "Schedule": "prunq.schedules",
+    "QuantConfig": "prunq.quant",
+    "prepare": "prunq.quant",
+    "calibrate": "prunq.quant",
+    "convert": "prunq.quant",
+    "unprepare": "prunq.quant",
+    "measure": "prunq.cost",
+    "LayerQuant": "prunq.cost",
+    "Recipe": "prunq.recipes",
+    "load_recipe": "prunq.recipes",
+    "parse_recipe": "prunq.recipes",
+    "get_task": "prunq.tasks",
+    "Task": "prunq.tasks",
+    "PrunqError": "prunq.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from prunq.cost import LayerQuant, measure
+    from prunq.errors import PrunqError
+    from prunq.granularity import Granularity
+    from prunq.io import load
+    from prunq.pipeline import CompressResult, compress, train_dense
+    from prunq.pruner import PruneConfig, Pruner
+    from prunq.quant import QuantConfig, calibrate, convert, prepare, unprepare
+    from prunq.recipes import Recipe, load_recipe, parse_recipe
+    from prunq.schedules import Schedule
+    from prunq.tasks import Task, get_task
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'prunq' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -21,3 +21,12 @@ def get_task(name: str, **kwargs) -> Task:
 
         return Cifar10Task(**kwargs)
     raise PrunqError(f"task.name: unknown task {name!r} (choose from {', '.join(TASKS)})")
+
+
+def build_model(task: str, name: str, **kwargs) -> "torch.nn.Module":  # noqa: F821
+    """A fresh model from a task's zoo, without loading the task's data (used by ``prunq.load``)."""
+    if task in ("digits", "cifar10"):
+        from prunq.tasks.classification.models import build
+
+        return build(name, **kwargs)
+    raise PrunqError(f"task.name: unknown task {task!r} (choose from {', '.join(TASKS)})")

@@ -1,0 +1,158 @@
+"""``prunq`` command line: compress, sweep, report, evaluate.
+
+Bad input (recipe fields, paths, an existing ``--out``) prints one line ``prunq: error: …`` and exits 2,
+leaving nothing half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from prunq.errors import PrunqError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="prunq", description="Joint pruning and quantization to extreme sparsity.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="train or load the dense model, prune, quantize, write a run directory")
+    c.add_argument("recipe", type=Path, help="YAML recipe (see recipes/)")
+    c.add_argument("--out", type=Path, required=True, help="run directory to create")
+    c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. --set prune.sparsity=0.99 (YAML value)")  # fmt: skip
+    c.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+
+    s = sub.add_parser("sweep", help="grid over sparsity x bit-widths: one table and Pareto plots")
+    s.add_argument("recipe", type=Path)
+    s.add_argument("--sparsity", type=float, nargs="+", required=True)
+    s.add_argument("--weight-bits", type=int, nargs="+", default=None)
+    s.add_argument("--act-bits", type=int, nargs="+", default=None)
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--quiet", action="store_true")
+
+    r = sub.add_parser("report", help="re-render report.md and plots from a saved run directory")
+    r.add_argument("run", type=Path)
+
+    e = sub.add_parser("evaluate", help="load a run's compressed model and evaluate it on the task's test split")
+    e.add_argument("run", type=Path)
+    return p
+
+
+def _recipe(args):
+    import yaml
+
+    from prunq.recipes import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    changes = {}
+    for item in args.set:
+        if "=" not in item:
+            raise PrunqError(f"--set: expected KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        changes[key.strip()] = yaml.safe_load(value)
+    if changes:
+        try:
+            recipe = recipe.with_(**changes)
+        except KeyError as e:
+            raise PrunqError(f"--set: unknown recipe field {e.args[0]!r}") from None
+    return recipe
+
+
+def _summary(metrics: dict) -> str:
+    c = metrics["compressed"]
+    return (
+        f"{metrics['task']}: {metrics['metric_name']} dense {metrics['dense']['metric']:.4g} -> "
+        f"pruned {metrics['pruned']['metric']:.4g} -> compressed {c['metric']:.4g} | sparsity {c['sparsity']:.4f}, "
+        f"w{c['weight_bits']}a{c['act_bits']} | memory x{metrics['memory_ratio']:.4g}, BOPs x{metrics['bops_ratio']:.4g}"
+    )
+
+
+def _bits_check(values, flag):
+    for b in values or []:
+        if not (2 <= b <= 8 or b in (16, 32)):
+            raise PrunqError(f"{flag}: {b} is outside 2–8 (16 or 32 = not quantized)")
+
+
+def cmd_compress(args) -> int:
+    from prunq.fsutil import atomic_dir
+    from prunq.runs import compress_recipe, write_run
+
+    recipe = _recipe(args)
+    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+        result = compress_recipe(recipe, quiet=args.quiet)
+        write_run(Path(tmp), recipe, result)
+    if not args.quiet:
+        print(_summary(result.metrics))
+        print(f"wrote {args.out}/ (report: {args.out / 'report.md'})")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from prunq.fsutil import atomic_dir
+    from prunq.report import render_sweep
+    from prunq.sweep import run_sweep
+
+    recipe = _recipe(args)
+    for s in args.sparsity:
+        if not 0 <= s < 1:
+            raise PrunqError(f"--sparsity: {s} is outside [0, 1)")
+    _bits_check(args.weight_bits, "--weight-bits")
+    _bits_check(args.act_bits, "--act-bits")
+    wbits = args.weight_bits or [recipe.quant.weight_bits]
+    abits = args.act_bits or [recipe.quant.act_bits]
+    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+        rows, info = run_sweep(recipe, args.sparsity, wbits, abits, Path(tmp), quiet=args.quiet)
+        (Path(tmp) / "sweep.json").write_text(json.dumps({"rows": rows, **info}, indent=2))
+        render_sweep(Path(tmp), rows, info["metric_name"], info["higher_is_better"], dense=info["dense"])
+    if not args.quiet:
+        print((args.out / "sweep.md").read_text())
+    return 0
+
+
+def cmd_report(args) -> int:
+    from prunq.report import render_report
+
+    path = render_report(args.run)
+    print(path)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from prunq.io import load
+    from prunq.recipes import load_recipe
+    from prunq.report import load_metrics
+    from prunq.runs import make_task
+
+    metrics = load_metrics(args.run)
+    recipe = load_recipe(args.run / "recipe.yaml")
+    model = load(args.run)
+    out = make_task(recipe).evaluate(model)
+    out = {k: v for k, v in out.items() if isinstance(v, (int, float))}
+    out["recorded"] = metrics["compressed"]["metric"]
+    print(json.dumps(out))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``prunq`` command."""
+    args = _parser().parse_args(argv)
+    try:
+        return {"compress": cmd_compress, "sweep": cmd_sweep, "report": cmd_report, "evaluate": cmd_evaluate}[
+            args.command
+        ](args)
+    except PrunqError as e:
+        print(f"prunq: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prunq: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
