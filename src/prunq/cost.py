@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrize import type_before_parametrizations
 
 from prunq.errors import PrunqError
 from prunq.layers import canonical_shape, compressible_layers, macs_per_sample, to_canonical
@@ -480,7 +481,7 @@ def _measure_layer(name: str, module: nn.Module, macs: int, q: LayerQuant) -> La
     density = nz / n if n else 0.0
     return LayerCost(
         name=name,
-        kind=type(module).__name__,
+        kind=type_before_parametrizations(module).__name__,  # not "ParametrizedLinear"
         shape=shape,
         params=n,
         nonzeros=nz,

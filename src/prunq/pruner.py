@@ -134,6 +134,7 @@ class Pruner:
         self.t = 0
         self.frozen = False
         self.last_target = 0.0
+        self._pin_scale = 1.0
 
     # -- training-loop hooks ---------------------------------------------------------------------
     @torch.no_grad()
@@ -156,7 +157,8 @@ class Pruner:
             target = self.schedule.target(self.t)
             if self.t == self._updates[-1]:
                 target = self.config.sparsity
-            cut = self.prune(target)
+            final = self.config.sparsity
+            cut = self.prune(target, pin_scale=target / final if final > 0 else 1.0)
             if self.t == self._updates[-1]:
                 self.freeze()
         self.t += 1
@@ -171,11 +173,16 @@ class Pruner:
 
     # -- cutting ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def prune(self, sparsity: float) -> float:
-        """Recompute every mask for ``sparsity`` (over the prunable weights); returns the sparsity reached."""
+    def prune(self, sparsity: float, pin_scale: float = 1.0) -> float:
+        """Recompute every mask for ``sparsity`` (over the prunable weights); returns the sparsity reached.
+
+        Pinned layers (``overrides``) get their own sparsity times ``pin_scale`` (the schedule's progress
+        when called from :meth:`step`, so they ramp up with the rest).
+        """
         if not 0.0 <= sparsity < 1.0:
             raise PrunqError(f"prune.sparsity: {sparsity} is outside [0, 1)")
         self.last_target = sparsity
+        self._pin_scale = pin_scale
         if self.gran.kind == "n:m":
             new = {layer.name: self._nm_mask(layer) for layer in self.layers}
         else:
@@ -212,10 +219,7 @@ class Pruner:
         return self.gran.nm_mask(self._scores(layer))
 
     def _target_for(self, layer: _Layer, sparsity: float) -> float:
-        if layer.pin is None:
-            return sparsity
-        final = self.config.sparsity
-        return layer.pin * (sparsity / final) if final > 0 else layer.pin
+        return sparsity if layer.pin is None else layer.pin * self._pin_scale
 
     def _floor(self, layer: _Layer, scores: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
         """Groups that must stay: the best ``min_per_channel`` per output channel, then the best

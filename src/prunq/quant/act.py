@@ -7,10 +7,11 @@ optionally learning the step (LSQ). All state that changes the output (``step``,
 
 >>> q = ActQuantizer(bits=4, calibration="max")
 >>> q.observe(); _ = q(torch.tensor([0.0, 1.5, 3.0])); q.finish_calibration()
->>> bool(q.signed), round(float(q.step), 4)   # non-negative input -> unsigned 0..15
+>>> bool(q.signed), round(q.step.item(), 4)   # non-negative input -> unsigned 0..15
 (False, 0.2)
->>> q(torch.tensor([0.45, 9.0]))
-tensor([0.4000, 3.0000], grad_fn=<...>)
+>>> with torch.no_grad():
+...     q(torch.tensor([0.45, 9.0]))
+tensor([0.4000, 3.0000])
 """
 
 from __future__ import annotations
@@ -104,6 +105,16 @@ class ActQuantizer(nn.Module):
         self._reset_stats()
         self._observing = True
 
+    def stop_observing(self) -> None:
+        """Abandon an observation (statistics dropped, previous calibration kept)."""
+        self._observing = False
+        self._reset_stats()
+
+    @property
+    def observed_calls(self) -> int:
+        """Forward calls recorded since :meth:`observe` (0 when not observing)."""
+        return self._calls
+
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1).float()
@@ -187,20 +198,21 @@ class ActQuantizer(nn.Module):
         n = x.numel() // x.shape[0] if x.dim() > 1 else x.numel()
         return 1.0 / math.sqrt(max(n, 1) * self.qmax)
 
-    def _learnable(self, x: torch.Tensor) -> torch.Tensor:
+    def _live_step(self) -> torch.Tensor:
+        # Clamp before log2: a learned step may drift to <= 0. Both ops pass the gradient through.
         s = self.step.clamp_min(MIN_STEP)
-        if self.power_of_two:
-            s = pow2_ste(s)
-        if _FUSED:
-            return torch._fake_quantize_learnable_per_tensor_affine(
-                x, s.reshape(1), self._zp_float, self.qmin, self.qmax, self._lsq_scale(x)
-            )
-        return self.reference_forward(x, s)
+        return pow2_ste(s) if self.power_of_two else s
 
-    def reference_forward(self, x: torch.Tensor, step: torch.Tensor | None = None) -> torch.Tensor:
+    def _learnable(self, x: torch.Tensor) -> torch.Tensor:
+        if not _FUSED:
+            return self.reference_forward(x)
+        return torch._fake_quantize_learnable_per_tensor_affine(
+            x, self._live_step().reshape(1), self._zp_float, self.qmin, self.qmax, self._lsq_scale(x)
+        )
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The composed (unfused) LSQ forward; the fused kernel must match it in values and gradients."""
-        s = self.step.clamp_min(MIN_STEP) if step is None else step
-        return fake_quant(x, grad_scale(s, self._lsq_scale(x)), self.qmin, self.qmax)
+        return fake_quant(x, grad_scale(self._live_step(), self._lsq_scale(x)), self.qmin, self.qmax)
 
     def qparams(self) -> dict:
         """``{"bits", "step", "signed", "power_of_two"}``; ``step`` is the effective, detached step."""

@@ -19,6 +19,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from prunq.errors import PrunqError
 from prunq.layers import is_compressible, out_channels, to_canonical, from_canonical
@@ -181,3 +182,13 @@ class WeightQuantizer(nn.Module):
             f"bits={self.bits}, per_channel={self.per_channel}, init={self.init!r}, "
             f"learn={self.learn}, power_of_two={self.power_of_two}"
         )
+
+
+def weight_quantizer(module: nn.Module) -> WeightQuantizer | None:
+    """The :class:`WeightQuantizer` parametrizing ``module.weight``, or ``None``."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    for p in module.parametrizations["weight"]:
+        if isinstance(p, WeightQuantizer):
+            return p
+    return None
