@@ -351,7 +351,7 @@ def test_conv_transpose_encodes_canonical_layout():
 
 def test_encoding_is_the_minimum():
     dense = nn.Linear(4, 3, bias=False)  # all non-zero: dense 12 * 32 wins (every other adds index bits)
-    half = nn.Linear(8, 8, bias=False)  # alternate 1, 0: bitmap 64 beats csr / relative
+    half = nn.Linear(8, 8, bias=False)  # alternate 1, 0: every gap is 1
     far = nn.Linear(100_000, 1, bias=False)  # 2 nz at 0 and 99999: gap 99998 > 2^16 - 1
     empty = nn.Linear(4, 3, bias=False)
     with torch.no_grad():
