@@ -286,8 +286,9 @@ def plot_layers(layers: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
             if d is not None:
                 ax_d.annotate(f"{100 * d:.2g}", (x, max(d, floor)), xytext=(0, 2),
                               textcoords="offset points", ha="center", va="bottom", fontsize=6.5)
-    ax_d.legend(loc="lower left", fontsize=8, framealpha=0.85)
-    ax_d.set_title("Per-layer density (%) and bit-widths")
+    # Legends sit above their panels, where they cannot hide a bar.
+    ax_d.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=2, fontsize=8, frameon=False)
+    fig.suptitle("Per-layer density (non-zeros / weights, %) and bit-widths", fontsize=11)
 
     wb = [finite(layer.get("weight_bits")) for layer in layers]
     ab = [finite(layer.get("act_bits")) for layer in layers]
@@ -297,11 +298,11 @@ def plot_layers(layers: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     ax_b.bar([x + w / 2 for x in xs], [math.nan if b is None else b for b in ab], width=w,
              color="tab:gray", label="activation bits")
     top = max([8.0, *(b for b in wb + ab if b is not None)])
-    ax_b.set_ylim(0, top * 1.15)
+    ax_b.set_ylim(0, top * 1.12)
     ax_b.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=5))
     ax_b.set_ylabel("bits")
     ax_b.grid(axis="y", alpha=0.3)
-    ax_b.legend(loc="upper right", fontsize=8, ncols=2, framealpha=0.85)
+    ax_b.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=2, fontsize=8, frameon=False)
     ax_b.set_xticks(xs, names, rotation=60, ha="right", rotation_mode="anchor", fontsize=8)
     ax_b.set_xlim(-0.6, n - 0.4)
     return _save(fig, path)
@@ -432,10 +433,10 @@ def plot_stages(metrics: Mapping[str, Any], path: str | Path) -> Path:
                 if losses and min(losses) > 0 and max(losses) / min(losses) > 20:
                     pax.set_yscale("log")
                 pax.set_ylabel("loss")
-                pax.set_title("fine-tuning loss", fontsize=10)
+                pax.set_title("training / fine-tuning loss", fontsize=10)
             else:
                 pax.set_ylabel(_axis_label(metric_name, hib))
-                pax.set_title(f"{metric_label(metric_name)} during fine-tuning", fontsize=10)
+                pax.set_title(f"{metric_label(metric_name)} during training / fine-tuning", fontsize=10)
             pax.set_xlabel("step (cumulative over stages)")
             pax.grid(alpha=0.3)
             handles, labels = pax.get_legend_handles_labels()

@@ -131,14 +131,19 @@ def _duration(seconds: Any) -> str:
 
 
 def _cell(v: Any) -> str:
-    text = str(v).replace("\n", " ").replace("|", "\\|")
-    return text if text else _DASH
+    if v is None:
+        return _DASH
+    return str(v).replace("\n", " ").replace("|", "\\|")
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[bool]) -> str:
-    """A GitHub-flavoured Markdown table; ``right[i]`` right-aligns column ``i`` (numbers)."""
+_ALIGN = {"l": ":---", "r": "---:", "c": ":---:"}
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str) -> str:
+    """A GitHub-flavoured Markdown table; ``align[i]`` is ``l``, ``r`` (numbers) or ``c`` for column ``i``."""
+    assert len(align) == len(headers), (align, headers)
     lines = ["| " + " | ".join(_cell(h) for h in headers) + " |",
-             "|" + "|".join("---:" if r else ":---" for r in right) + "|"]
+             "|" + "|".join(_ALIGN[a] for a in align) + "|"]
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -277,7 +282,7 @@ def _headline(metrics: Mapping[str, Any]) -> str:
     ]
     headers = ["stage", metric_label(name), "sparsity", "bits", "BOPs", "memory (KiB)",
                "BOPs × fp32", "memory × fp32", "BOPs × int8", "memory × int8"]
-    out = [_table(headers, rows, [False, True, True, False] + [True] * 6), ""]
+    out = [_table(headers, rows, "lrrl" + "r" * 6), ""]
     notes = ["Ratios divide by a dense reference (METHOD.md §4): *fp32* = 32-bit weights and "
              "activations; *int8* = 8-bit weights and activations, no pruning — so a precision change "
              "is not mistaken for pruning."]
@@ -304,7 +309,7 @@ def _encodings(metrics: Mapping[str, Any]) -> str | None:
         out += ["Whole-model memory (non-zero values + indices + scales + biases + uncompressed "
                 "parameters) with every layer's positions stored in one encoding:", "",
                 _table(["encoding", "memory (KiB)", "memory (bits)", "× dense fp32"], rows,
-                       [False, True, True, True]), ""]
+                       "lrrr"), ""]
     if bound is not None:
         line = (f"Entropy bound on the position (index) bits, Σ N·H(ρ) over layers: "
                 f"**{_int(bound)} bits** ({_kib(bound)} KiB).")
@@ -347,7 +352,7 @@ def _index_rows(layers: Sequence[Any]) -> str | None:
         cells = [f"**{_int(ib.get(e))}**" if e == chosen and e in ib else _int(ib.get(e)) for e in encs]
         rows.append([layer.get("name", "?"), *cells, _int(layer.get("entropy_bits")), chosen or _DASH])
     return _table(["layer", *encs, "entropy bound", "chosen"], rows,
-                  [False] + [True] * (len(encs) + 1) + [False])
+                  "l" + "r" * (len(encs) + 1) + "l")
 
 
 def _layers_table(layers: Sequence[Any]) -> str:
@@ -375,7 +380,7 @@ def _layers_table(layers: Sequence[Any]) -> str:
                  _int(total("macs")), _sci(total("bops")), _int(total("memory_bits")), ""])
     headers = ["layer", "kind", "params", "non-zeros", "density", "w bits", "a bits", "MACs", "BOPs",
                "memory (bits)", "encoding"]
-    return _table(headers, rows, [False, False] + [True] * 8 + [False])
+    return _table(headers, rows, "ll" + "r" * 8 + "l")
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -413,7 +418,7 @@ def _extra(metrics: Mapping[str, Any]) -> str | None:
     rows = [[f"`{k}`", *(_format_extra(k, flat[s][k]) if k in flat[s] else _DASH for s in stages)]
             for k in keys]
     return "\n".join(["## Other metrics", "", _table(["metric", *stages], rows,
-                                                       [False] + [True] * len(stages))])
+                                                       "l" + "r" * len(stages))])
 
 
 def _timing(metrics: Mapping[str, Any]) -> str | None:
@@ -425,7 +430,7 @@ def _timing(metrics: Mapping[str, Any]) -> str | None:
     order = [k for k in names if k in timing and k != "total_s"]
     order += [k for k in timing if k not in names] + (["total_s"] if "total_s" in timing else [])
     rows = [[names.get(k, k.removesuffix("_s")), _duration(timing[k])] for k in order]
-    return "\n".join(["## Timing", "", _table(["stage", "wall time"], rows, [False, True])])
+    return "\n".join(["## Timing", "", _table(["stage", "wall time"], rows, "lr")])
 
 
 def _fence(text: str) -> str:
@@ -460,11 +465,11 @@ def render_report(run_dir: str | os.PathLike[str]) -> Path:
 
     parts = [f"# prunq report: {metrics.get('task')}", "", f"**{summary_line(metrics)}**", "",
              " · ".join(meta), "", "## Headline", "", _headline(metrics), ""]
+    parts += ["## Layers", "", _layers_table(metrics["layers"]), "",
+              "![Per-layer density and bit-widths](plots/layers.png)", ""]
     encodings = _encodings(metrics)
     if encodings:
         parts += [encodings, ""]
-    parts += ["## Layers", "", _layers_table(metrics["layers"]), "",
-              "![Per-layer density and bit-widths](plots/layers.png)", ""]
     parts += ["## Stages", "", "![Metric by stage and fine-tuning curves](plots/stages.png)", ""]
     for block in (_extra(metrics), _timing(metrics)):
         if block:
@@ -554,6 +559,6 @@ def render_sweep(
     if dense is not None:
         parts += [f"Dense fp32 reference: {label} {format_metric(dense.get('metric'), metric_name)}, "
                   f"{_sci(dense.get('bops'))} BOPs, {_kib(dense.get('memory_bits'))} KiB.", ""]
-    parts += [_table(headers, table_rows, [False, True, False, True, True, True, True, True, False, False]),
+    parts += [_table(headers, table_rows, "lrlrrrrrcc"),
               "", f"![{label} vs BOPs](pareto_bops.png)", "", f"![{label} vs memory](pareto_memory.png)", ""]
     return atomic_write_text(out_dir / "sweep.md", "\n".join(parts))
