@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -33,7 +33,7 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
         raise PrunqError(f"{p}: checkpoint not found")
     try:
         return load_file(str(p))
-    except (SafetensorsError, OSError, ValueError, RuntimeError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise PrunqError(f"{p}: not a readable safetensors checkpoint ({e})") from None
 
 

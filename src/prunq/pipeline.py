@@ -149,7 +149,13 @@ def run_quant(
 
 
 def _stage_cost(model: nn.Module, task: Task, reference: C.ModelCost | None, exclude=()) -> C.ModelCost:
-    quant = {name: C.LayerQuant(**info) for name, info in Q.layer_quant(model).items()}
+    quant = {
+        name: C.LayerQuant(
+            weight_bits=info["weight_bits"], act_bits=info["act_bits"], weight_scales=info["weight_scales"],
+            act_scales=info["act_scales"], scale_bits=8 if info.get("power_of_two") else 32,
+        )  # a power-of-two step is stored as its exponent
+        for name, info in Q.layer_quant(model).items()
+    }
     return C.measure(model, task.example_inputs(), quant=quant, exclude=exclude, reference=reference)
 
 
@@ -166,6 +172,7 @@ def build_metrics(
     final_cost: C.ModelCost,
     history: list[dict],
     timing: dict[str, float],
+    pruned_cost: C.ModelCost | None = None,
 ) -> dict[str, Any]:
     """The ``metrics.json`` document (METHOD.md §5), plus per-layer encodings and stage timings."""
     layers = [lc.to_dict() for lc in final_cost.layers]
@@ -181,7 +188,10 @@ def build_metrics(
             "metric": dense.metric, "params": dense_cost.params, "macs": dense_cost.macs,
             "bops": dense_cost.dense_fp32_bops, "memory_bits": dense_cost.dense_fp32_memory_bits,
         },
-        "pruned": {"metric": pruned.metric, "sparsity": pruned.extra.get("sparsity", 0.0)},
+        "pruned": {
+            "metric": pruned.metric, "sparsity": pruned.extra.get("sparsity", 0.0),
+            **({"bops": pruned_cost.bops, "memory_bits": pruned_cost.memory_bits} if pruned_cost else {}),
+        },
         "compressed": {
             "metric": compressed.metric, "sparsity": final_cost.sparsity, "weight_bits": wb, "act_bits": ab,
             "bops": final_cost.bops, "memory_bits": final_cost.memory_bits,
@@ -231,6 +241,7 @@ def compress(
     dense = StageResult(model, dense_metric, dense_extra)
     dense_cost = C.measure(model, task.example_inputs())
     pruned = run_prune(model, task, recipe, history=history, quiet=quiet)
+    pruned_cost = _stage_cost(model, task, dense_cost)
     if recipe.quant.enabled:
         compressed, pairs = run_quant(model, task, recipe, history=history, quiet=quiet)
     else:
@@ -238,7 +249,7 @@ def compress(
         compressed.extra.pop("sparsity", None)
     final_cost = _stage_cost(model, task, dense_cost)
     timing = {"prune_s": pruned.seconds, "quant_s": compressed.seconds, "total_s": time.perf_counter() - t_start}
-    metrics = build_metrics(task, dense, dense_cost, pruned, compressed, final_cost, history, timing)
+    metrics = build_metrics(task, dense, dense_cost, pruned, compressed, final_cost, history, timing, pruned_cost)
     manifest = make_manifest(model, recipe, pairs, model_spec)
     return CompressResult(model, metrics, manifest, history)
 

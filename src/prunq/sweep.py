@@ -39,6 +39,7 @@ def run_sweep(
         hist: list[dict] = [{"stage": "dense", "step": 0, "metric": d_metric}]
         pruned_model = copy.deepcopy(dense)
         pruned = run_prune(pruned_model, task, r_s, history=hist, quiet=quiet)
+        p_cost = _stage_cost(pruned_model, task, d_cost)
         for wb in weight_bits:
             for ab in act_bits:
                 t0 = time.perf_counter()
@@ -48,7 +49,7 @@ def run_sweep(
                 comp, pairs = run_quant(model, task, r, history=h, quiet=quiet)
                 cost = _stage_cost(model, task, d_cost)
                 timing = {"prune_s": pruned.seconds, "quant_s": comp.seconds, "total_s": time.perf_counter() - t0}
-                metrics = build_metrics(task, d_stage, d_cost, pruned, comp, cost, h, timing)
+                metrics = build_metrics(task, d_stage, d_cost, pruned, comp, cost, h, timing, p_cost)
                 name = point_name(s, wb, ab)
                 result = CompressResult(model, metrics, make_manifest(model, r, pairs, model_spec(r)), h)
                 write_run(out / "runs" / name, r, result)

@@ -68,7 +68,7 @@ def fit(
     was_training = model.training
     model.train()
     running = 0.0
-    bar = tqdm(range(spec.steps), desc=stage, disable=quiet, leave=False, dynamic_ncols=True)
+    bar = tqdm(range(spec.steps), desc=stage, disable=True if quiet else None, leave=False, dynamic_ncols=True)
     for t in bar:
         batch = next(data)
         loss = task.loss(model, batch)

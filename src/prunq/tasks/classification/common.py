@@ -26,7 +26,8 @@ __all__ = ["ClassificationTask", "random_crop", "random_hflip", "model_device", 
 
 def mixed_seed(*seeds: int) -> int:
     """One 63-bit seed from several integers (no collisions in practice, unlike ``a * K + b``)."""
-    return int(np.random.SeedSequence([int(s) for s in seeds]).generate_state(2, np.uint64)[0] >> 1)
+    entropy = [int(s) % 2**64 for s in seeds]  # SeedSequence refuses negative integers
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -119,7 +120,11 @@ class ClassificationTask(Task):
         """
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise PrunqError(f"train.batch_size: must be a positive integer, got {batch_size!r}")
-        g = torch.Generator().manual_seed(mixed_seed(self.seed, seed))
+        return self._epoch(batch_size, mixed_seed(self.seed, seed))
+
+    def _epoch(self, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The generator behind :meth:`train_batches` (split off so bad arguments fail at the call)."""
+        g = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(self.y_train), generator=g)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
