@@ -67,7 +67,7 @@ def prune_config(spec: PruneSpec, seed: int) -> PruneConfig:
         allocation=spec.allocation, mode=spec.mode, schedule=spec.schedule, begin=spec.begin, end=spec.end,
         iterations=spec.iterations, frequency=spec.frequency, initial_sparsity=spec.initial_sparsity,
         min_density=spec.min_density, min_per_channel=spec.min_per_channel, exclude=tuple(spec.exclude),
-        overrides=dict(spec.overrides), ema=spec.ema, seed=seed,
+        overrides=dict(spec.overrides), ema=spec.ema, regrow=spec.regrow, seed=seed,
     )  # fmt: skip
 
 

@@ -57,6 +57,7 @@ class PruneConfig:
     exclude: tuple[str, ...] = ()
     overrides: dict[str, float] = field(default_factory=dict)
     ema: float | None = None
+    regrow: float | None = 0.05
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -72,6 +73,8 @@ class PruneConfig:
             raise PrunqError(f"prune.min_density: {self.min_density} is outside [0, 1]")
         if self.min_per_channel < 0:
             raise PrunqError("prune.min_per_channel: must be >= 0")
+        if self.regrow is not None and not 0.0 <= self.regrow <= 1.0:
+            raise PrunqError(f"prune.regrow: {self.regrow} is outside [0, 1]")
         for pat, s in self.overrides.items():
             if not 0.0 <= float(s) < 1.0:
                 raise PrunqError(f"prune.overrides[{pat!r}]: sparsity {s} is outside [0, 1)")
@@ -203,10 +206,21 @@ class Pruner:
     def _scores(self, layer: _Layer) -> torch.Tensor:
         w = to_canonical(M.original(layer.module), layer.module).detach()
         s = self.criterion.scores(layer.name, w, self.gran).float().clone()
+        gmask = self._group_mask(layer)
         if self.config.mode == "hard" or self.frozen:
             # hard mode: a pruned group never returns, so it cannot compete for the budget
-            gmask = self._group_mask(layer)
             s[~gmask] = float("-inf")
+        elif self.config.regrow is not None and not bool(gmask.all()):
+            # soft mode: pruned groups compete with their shadow scores, but at most ``regrow`` x the
+            # kept groups may return per cut. Near convergence a kept weight's gradient averages to ~0
+            # while a pruned one's does not, so an uncapped first-order ranking would swap most of the
+            # network at every cut (measured: digits collapses to chance at 98 %).
+            cap = math.ceil(self.config.regrow * int(gmask.sum()))
+            pruned = s.masked_fill(gmask, float("-inf")).reshape(-1)
+            n_pruned = int((~gmask).sum())
+            if cap < n_pruned:
+                order = torch.argsort(pruned, descending=True, stable=True)
+                s.view(-1)[order[cap:n_pruned]] = float("-inf")
         return s
 
     def _group_mask(self, layer: _Layer) -> torch.Tensor:

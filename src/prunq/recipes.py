@@ -81,6 +81,7 @@ class PruneSpec(_Strict):
     exclude: list[str] = Field(default_factory=list)
     overrides: dict[str, float] = Field(default_factory=dict)
     ema: float | None = Field(None, gt=0, lt=1)
+    regrow: float | None = Field(0.05, ge=0, le=1)
     score_batches: int = Field(8, ge=0)
     finetune: TrainSpec = TrainSpec()
 

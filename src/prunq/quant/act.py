@@ -27,12 +27,14 @@ from prunq.quant.weight import mse_steps
 
 CALIBRATIONS: tuple[str, ...] = ("percentile", "max", "mse")
 
-# Forward implementation. Measured with bench/quant_act_overhead.py (small CNN, batch 64, 32x32, CPU,
-# 2 threads, torch 2.13): a training step with input fake-quant on all 4 layers costs
-#   fused torch._fake_quantize_learnable_per_tensor_affine: ~1.0Nx a plain step
-#   composed fake_quant(x, grad_scale(step, g)) (div/round/detach/clamp/mul): ~1.0Mx
-# (numbers in the comment below are the ones the benchmark printed; see _FUSED). Both give the same
-# values and the same LSQ gradients (tests/test_quant_act.py checks it), so the faster one is used.
+# Forward implementation: the fused kernel or the composed reference (same values, same LSQ gradients;
+# tests/test_quant_act.py checks it). Measured on a small CNN training step (3 convs with BN + Linear,
+# batch 64, 32x32, SGD; CPU, 2 threads, torch 2.13, on a shared machine, medians of 40 interleaved
+# steps, four runs), cost relative to a plain step, input fake-quant on all 4 layers:
+#   fused torch._fake_quantize_learnable_per_tensor_affine   1.20-1.28x   (with 4-bit weights too: 1.28-1.54x)
+#   composed fake_quant(x, grad_scale(step, g))              1.72-1.96x
+# A custom autograd.Function on the cachemask kernel was no faster on CPU. Caveat: the learnable
+# kernel reads ``scale[0].item()`` (a host sync per call on CUDA); profile before relying on it on GPU.
 _FUSED: bool = True
 
 
@@ -150,7 +152,7 @@ class ActQuantizer(nn.Module):
             raise RuntimeError("ActQuantizer.finish_calibration(): no input was observed; call observe() and run forwards first")
         signed = self._min < 0
         self.signed.fill_(signed)
-        self._sync()
+        self._sync()  # qmin / qmax of the chosen grid, needed by _clip_step
         self.step.copy_(torch.tensor(self._clip_step(), dtype=self.step.dtype))
         self.calibrated.fill_(True)
         self._observing = False
@@ -174,8 +176,7 @@ class ActQuantizer(nn.Module):
     # -- forward --------------------------------------------------------------------------------------
     def effective_step(self) -> torch.Tensor:
         """The step used in the forward pass (clamped, power-of-two rounded), detached scalar."""
-        s = self.step.detach().clamp_min(MIN_STEP)
-        return pow2_ste(s) if self.power_of_two else s
+        return self._live_step().detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if self._observing:

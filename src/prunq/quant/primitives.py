@@ -79,8 +79,9 @@ def fake_quant(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int) -> tor
     """``clamp(round(x / step), qmin, qmax) * step`` with STE / LSQ gradients.
 
     Gradient to ``x``: 1 inside the clip range, 0 outside. Gradient to ``step`` (LSQ):
-    ``round(x/step) - x/step`` inside, ``qmin`` / ``qmax`` where clipped. ``step`` broadcasts
-    against ``x`` (a scalar, or one value per channel).
+    ``round(x/step) - x/step`` inside, ``qmin`` / ``qmax`` where clipped. "Inside" means
+    ``qmin <= round(x/step) <= qmax`` -- the convention of torch's fused fake-quant kernels, so the
+    two can be swapped. ``step`` broadcasts against ``x`` (a scalar, or one value per channel).
 
     >>> fake_quant(torch.tensor([0.26, -0.9, 3.0]), torch.tensor(0.25), -3, 3)
     tensor([ 0.2500, -0.7500,  0.7500])
