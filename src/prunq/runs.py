@@ -71,6 +71,8 @@ def compress_recipe(recipe: Recipe, *, quiet: bool = False) -> CompressResult:
     task = make_task(recipe)
     model, dense_hist, dense_s = dense_model(recipe, task, quiet=quiet)
     result = compress(model, task, recipe, quiet=quiet, model_spec=model_spec(recipe), inplace=True)
+    if dense_hist:  # the dense metric is measured after training: plot it there
+        result.metrics["history"][0]["step"] = recipe.dense.steps
     result.metrics["history"] = dense_hist + result.metrics["history"]
     result.metrics["timing"]["dense_s"] = dense_s
     result.metrics["timing"]["total_s"] += dense_s

@@ -229,11 +229,45 @@ def layer_quant(model: nn.Module) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for name, module in compressible_layers(model):
         wq, aq = weight_quantizer(module), act_quantizer(module)
+        baked = getattr(module, CONVERTED_STEP, None) if wq is None else None  # after convert()
         out[name] = {
-            "weight_bits": wq.bits if wq else 32,
+            "weight_bits": wq.bits if wq else (int(module.weight_bits) if baked is not None else 32),
             "act_bits": aq.bits if aq else 32,
-            "weight_scales": wq.step.numel() if wq else 0,
+            "weight_scales": wq.step.numel() if wq else (baked.numel() if baked is not None else 0),
             "act_scales": 1 if aq else 0,
             "power_of_two": bool((wq and wq.power_of_two) or (aq and aq.power_of_two)),
         }
     return out
+
+
+CONVERTED_STEP = "weight_step"
+
+
+@torch.no_grad()
+def convert(model: nn.Module) -> nn.Module:
+    """Bake masks and weight quantizers into plain weights, for inference and export (in place).
+
+    Every compressed weight becomes a plain Parameter holding ``Q(mask * W)``: exact zeros where
+    pruned, every value an integer multiple of its step. The step is kept as a buffer ``weight_step``
+    (one per output channel, canonical order) with ``weight_bits`` as an attribute, so export and the
+    cost model still know the grid. Activation quantizers stay active. Irreversible.
+
+    >>> m = nn.Sequential(nn.Linear(4, 3))
+    >>> _ = prepare(m, QuantConfig(weight_bits=2, act_bits=8))
+    >>> calibrate(m, [torch.rand(2, 4)])
+    >>> _ = convert(m)
+    >>> len(set(m[0].weight.abs().flatten().tolist()) - {0.0}) <= 3
+    True
+    """
+    for _, module in list(model.named_modules()):
+        if not is_compressible(module) or not parametrize.is_parametrized(module, "weight"):
+            continue
+        wq = weight_quantizer(module)
+        if wq is not None:
+            step = wq.effective_step().detach().reshape(-1).clone()
+            bits = wq.bits
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        if wq is not None:
+            module.register_buffer(CONVERTED_STEP, step)
+            module.weight_bits = bits
+    return model

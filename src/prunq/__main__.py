@@ -1,0 +1,7 @@
+"""``python -m prunq`` is the ``prunq`` command."""
+
+import sys
+
+from prunq.cli import main
+
+sys.exit(main())
