@@ -187,3 +187,11 @@ def test_property_masks_are_binary_nested_under_hard_and_respect_floor(out, inp,
         assert m.sum() >= 1
         if gran != "channel":
             assert (to_canonical(m, layer.module).reshape(m.shape[0], -1).sum(1) >= 1).all()
+
+
+def test_channels_last_models_prune_and_train():
+    net = _net().to(memory_format=torch.channels_last)
+    p = Pruner(net, PruneConfig(criterion="taylor", min_density=0, min_per_channel=1))
+    net(torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)).sum().backward()
+    p.accumulate()
+    assert p.prune(0.9) == pytest.approx(0.9, abs=0.01)

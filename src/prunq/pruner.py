@@ -205,7 +205,8 @@ class Pruner:
 
     def _scores(self, layer: _Layer) -> torch.Tensor:
         w = to_canonical(M.original(layer.module), layer.module).detach()
-        s = self.criterion.scores(layer.name, w, self.gran).float().clone()
+        # contiguous: a channels_last weight would give channels_last scores, which cannot be viewed flat
+        s = self.criterion.scores(layer.name, w, self.gran).float().contiguous().clone()
         gmask = self._group_mask(layer)
         if self.config.mode == "hard" or self.frozen:
             # hard mode: a pruned group never returns, so it cannot compete for the budget
