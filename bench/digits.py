@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from prunq import cost as C
-from prunq import masks as M
 from prunq import quant as Q
 from prunq.pipeline import _evaluate, _stage_cost, run_prune, run_quant
 from prunq.pruner import PruneConfig, Pruner
