@@ -50,7 +50,8 @@ def grid(args, recipe, out_rows):
     out_rows.append({"method": "dense", "sparsity": 0.0, "bits": "fp32", "seed": recipe.seed, "metric": d_metric,
                      "memory_ratio": 1.0, "bops_ratio": 1.0})  # fmt: skip
     for s in args.sparsity:
-        for method, changes in METHODS.items():
+        for method in args.methods:
+            changes = METHODS[method]
             for seed in range(args.seeds):
                 r = recipe.with_(**{"prune.sparsity": s, "seed": recipe.seed + seed, **changes})
                 model = copy.deepcopy(dense)
@@ -62,7 +63,7 @@ def grid(args, recipe, out_rows):
                        "bops_ratio": p_cost.bops_ratio, "seconds": time.perf_counter() - t0}  # fmt: skip
                 out_rows.append(row)
                 print(json.dumps(row), flush=True)
-                for wb, ab in BITS:
+                for wb, ab in args.bits:
                     rq = r.with_(**{"quant.weight_bits": wb, "quant.act_bits": ab})
                     qm = copy.deepcopy(model)
                     t0 = time.perf_counter()
@@ -128,11 +129,11 @@ def summarize(rows, overheads, d_metric, args):
         f"{args.seeds} seed(s) per cell, mean shown. Dense fp32 top-1: {d_metric:.4f}.", "",
         "Top-1 on the 360-image test split / memory_ratio / bops_ratio (both vs dense fp32).", "",
     ]  # fmt: skip
-    bits = ["fp32"] + [f"w{w}a{a}" for w, a in BITS]
+    bits = ["fp32"] + [f"w{w}a{a}" for w, a in args.bits]
     lines.append("| sparsity | method | " + " | ".join(bits) + " |")
     lines.append("|---|---|" + "---|" * len(bits))
     for s in args.sparsity:
-        for method in METHODS:
+        for method in args.methods:
             cells = []
             for b in bits:
                 sel = [r for r in rows if r["method"] == method and r["sparsity"] == s and r["bits"] == b]
@@ -151,6 +152,8 @@ def summarize(rows, overheads, d_metric, args):
             if ts and mh:
                 lines.append(f"- {s:g} {b}: taylor-soft {statistics.mean(ts):.4f} vs magnitude-hard "
                              f"{statistics.mean(mh):.4f} (difference {statistics.mean(ts) - statistics.mean(mh):+.4f})")
+    if not overheads:
+        return "\n".join(lines) + "\n"
     lines += ["", "## Training-step overhead (median of interleaved rounds, same run)", "",
               "| model | batch | plain step (s) | masks + weight fake-quant | + activation fake-quant |",
               "|---|---|---|---|---|"]  # fmt: skip
@@ -165,23 +168,28 @@ def main():
     ap.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "digits.yaml")
     ap.add_argument("--sparsity", type=float, nargs="+", default=[0.9, 0.95, 0.98, 0.99, 0.995])
     ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    ap.add_argument("--bits", nargs="+", default=[f"w{w}a{a}" for w, a in BITS], help="e.g. w4a8 w2a4")
+    ap.add_argument("--no-overhead", action="store_true", help="skip the training-step overhead measurement")
+    ap.add_argument("--name", default=None, help="output stem under --out (default: digits, or digits_quick)")
     ap.add_argument("--quick", action="store_true", help="tiny budgets, two sparsities: a smoke run")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
+    args.bits = [tuple(int(v) for v in b.lstrip("w").split("a")) for b in args.bits]
     recipe = load_recipe(args.recipe)
     if args.quick:
         args.sparsity = [0.9, 0.98]
         recipe = recipe.with_(**{"dense.steps": 200, "prune.finetune.steps": 100, "quant.finetune.steps": 50})
     rows: list[dict] = []
     d_metric = grid(args, recipe, rows)
-    overheads = [
+    overheads = [] if args.no_overhead else [
         overhead("digits_cnn", lambda: build("digits_cnn"), (1, 8, 8), 64, 20 if args.quick else 60, 3 if args.quick else 7),
         overhead("resnet20 (CIFAR 32×32)", lambda: build("resnet20"), (3, 32, 32), 128, 3 if args.quick else 8, 3 if args.quick else 5),
     ]  # fmt: skip
     for o in overheads:
         print(json.dumps(o), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "digits_quick" if args.quick else "digits"
+    stem = args.name or ("digits_quick" if args.quick else "digits")
     (args.out / f"{stem}.json").write_text(json.dumps({"rows": rows, "overhead": overheads, "dense_metric": d_metric}, indent=2))
     (args.out / f"{stem}.md").write_text(summarize(rows, overheads, d_metric, args))
     print((args.out / f"{stem}.md").read_text())

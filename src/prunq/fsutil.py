@@ -36,10 +36,10 @@ def _sibling(path: Path, tag: str) -> Path:
     return path.parent / f".{path.name}.{tag}-{secrets.token_hex(4)}"
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename inside ``directory`` durable; best effort (not every platform/file system allows it)."""
+def _fsync_path(path: str | os.PathLike[str]) -> None:
+    """fsync a file or directory; best effort (not every platform/file system allows it)."""
     try:
-        fd = os.open(directory, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
@@ -48,6 +48,11 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable."""
+    _fsync_path(directory)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
@@ -105,18 +110,8 @@ def _fsync_tree(root: Path) -> None:
     for dirpath, _dirnames, filenames in os.walk(root):
         for name in filenames:
             p = os.path.join(dirpath, name)
-            if os.path.islink(p):
-                continue
-            try:
-                fd = os.open(p, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+            if not os.path.islink(p):
+                _fsync_path(p)
         _fsync_dir(Path(dirpath))
 
 
