@@ -35,6 +35,7 @@ def test_round_trip_of_resolved_recipe(tmp_path):
         ({"bogus": 1}, "bogus: unknown key"),
         ({"prune": {"begin": 0.8, "end": 0.2}}, "begin"),
         ([1, 2], "must be a YAML mapping"),
+        ({"prune": {"score_batches": 0, "finetune": {"steps": 0}}}, "taylor criterion needs gradients"),
     ],
 )  # fmt: skip
 def test_bad_recipes_name_the_field(data, field):

@@ -119,6 +119,10 @@ class PruneSpec(_Strict):
     def _window(self) -> PruneSpec:
         if self.begin > self.end:
             raise ValueError(f"begin ({self.begin}) is after end ({self.end})")
+        if CRITERIA[self.criterion].needs_grad and self.score_batches == 0 and self.finetune.steps == 0:
+            raise ValueError(
+                f"the {self.criterion} criterion needs gradients: set score_batches > 0 or finetune.steps > 0"
+            )
         return self
 
 
