@@ -171,6 +171,7 @@ def main():
     ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     ap.add_argument("--bits", nargs="+", default=[f"w{w}a{a}" for w, a in BITS], help="e.g. w4a8 w2a4")
     ap.add_argument("--no-overhead", action="store_true", help="skip the training-step overhead measurement")
+    ap.add_argument("--overhead-only", action="store_true", help="only the training-step overhead")
     ap.add_argument("--name", default=None, help="output stem under --out (default: digits, or digits_quick)")
     ap.add_argument("--quick", action="store_true", help="tiny budgets, two sparsities: a smoke run")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -181,7 +182,9 @@ def main():
         args.sparsity = [0.9, 0.98]
         recipe = recipe.with_(**{"dense.steps": 200, "prune.finetune.steps": 100, "quant.finetune.steps": 50})
     rows: list[dict] = []
-    d_metric = grid(args, recipe, rows)
+    d_metric = float("nan") if args.overhead_only else grid(args, recipe, rows)
+    if args.overhead_only:
+        args.sparsity = []
     overheads = [] if args.no_overhead else [
         overhead("digits_cnn", lambda: build("digits_cnn"), (1, 8, 8), 64, 20 if args.quick else 60, 3 if args.quick else 7),
         overhead("resnet20 (CIFAR 32×32)", lambda: build("resnet20"), (3, 32, 32), 128, 3 if args.quick else 8, 3 if args.quick else 5),
@@ -189,7 +192,7 @@ def main():
     for o in overheads:
         print(json.dumps(o), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.name or ("digits_quick" if args.quick else "digits")
+    stem = args.name or ("digits_quick" if args.quick else "digits_overhead" if args.overhead_only else "digits")
     (args.out / f"{stem}.json").write_text(json.dumps({"rows": rows, "overhead": overheads, "dense_metric": d_metric}, indent=2))
     (args.out / f"{stem}.md").write_text(summarize(rows, overheads, d_metric, args))
     print((args.out / f"{stem}.md").read_text())
