@@ -25,7 +25,7 @@ from torch import nn
 
 from prunq import cost as C
 from prunq import quant as Q
-from prunq.pipeline import _evaluate, _stage_cost, run_prune, run_quant
+from prunq.pipeline import evaluate_metric, stage_cost, run_prune, run_quant
 from prunq.pruner import PruneConfig, Pruner
 from prunq.recipes import load_recipe
 from prunq.runs import dense_model, make_task
@@ -44,7 +44,7 @@ BITS = [(4, 8), (2, 8), (2, 4)]
 def grid(args, recipe, out_rows):
     task = make_task(recipe)
     dense, _, dense_s = dense_model(recipe, task, quiet=True)
-    d_metric, _ = _evaluate(task, dense)
+    d_metric, _ = evaluate_metric(task, dense)
     d_cost = C.measure(dense, task.example_inputs())
     print(f"dense: top1 {d_metric:.4f}, {d_cost.params} params, trained in {dense_s:.1f}s", flush=True)
     out_rows.append({"method": "dense", "sparsity": 0.0, "bits": "fp32", "seed": recipe.seed, "metric": d_metric,
@@ -57,7 +57,7 @@ def grid(args, recipe, out_rows):
                 model = copy.deepcopy(dense)
                 t0 = time.perf_counter()
                 pruned = run_prune(model, task, r, history=[], quiet=True)
-                p_cost = _stage_cost(model, task, d_cost)
+                p_cost = stage_cost(model, task, d_cost)
                 row = {"method": method, "sparsity": s, "bits": "fp32", "seed": seed, "metric": pruned.metric,
                        "achieved_sparsity": p_cost.sparsity, "memory_ratio": p_cost.memory_ratio,
                        "bops_ratio": p_cost.bops_ratio, "seconds": time.perf_counter() - t0}  # fmt: skip
@@ -68,7 +68,7 @@ def grid(args, recipe, out_rows):
                     qm = copy.deepcopy(model)
                     t0 = time.perf_counter()
                     comp, _ = run_quant(qm, task, rq, history=[], quiet=True)
-                    q_cost = _stage_cost(qm, task, d_cost)
+                    q_cost = stage_cost(qm, task, d_cost)
                     row = {"method": method, "sparsity": s, "bits": f"w{wb}a{ab}", "seed": seed,
                            "metric": comp.metric, "achieved_sparsity": q_cost.sparsity,
                            "memory_ratio": q_cost.memory_ratio, "bops_ratio": q_cost.bops_ratio,

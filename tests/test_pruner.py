@@ -45,7 +45,9 @@ def test_global_magnitude_threshold_is_shared():
     p = Pruner(net, PruneConfig(criterion="magnitude", min_density=0, min_per_channel=0))
     p.prune(0.8)
     kept_min = min(float(M.original(l.module).detach()[M.get_mask(l.module).mask.bool()].abs().min()) for l in p.layers)
-    pruned_max = max(float(M.original(l.module).detach()[~M.get_mask(l.module).mask.bool()].abs().max()) for l in p.layers)
+    pruned_max = max(
+        float(M.original(l.module).detach()[~M.get_mask(l.module).mask.bool()].abs().max()) for l in p.layers
+    )
     assert kept_min >= pruned_max
 
 

@@ -35,7 +35,9 @@ class Granularity:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise PrunqError(f"prune.granularity: unknown granularity {self.kind!r} (choose from element, kernel, channel, N:M)")
+            raise PrunqError(
+                f"prune.granularity: unknown granularity {self.kind!r} (choose from element, kernel, channel, N:M)"
+            )
         if self.kind == "n:m" and not (0 < self.n < self.m):
             raise PrunqError(f"prune.granularity: N:M needs 0 < N < M, got {self.n}:{self.m}")
 
@@ -77,7 +79,7 @@ class Granularity:
         """Number of weights in each group (group-tensor shape, int64)."""
         n = 1
         gshape = self.group_shape(canon)
-        for d in canon[len(gshape):]:
+        for d in canon[len(gshape) :]:
             n *= d
         return torch.full(gshape, n, dtype=torch.int64)
 

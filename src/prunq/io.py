@@ -22,7 +22,9 @@ MANIFEST_FILE = "model.json"
 def save_model(directory: Path, model: nn.Module, manifest: dict[str, Any]) -> None:
     """Write ``model.safetensors`` (the full state dict: shadows, masks, quantizer steps) and ``model.json``."""
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / MODEL_FILE), metadata={"format": "prunq", "version": str(manifest.get("format", 1))})
+    save_file(
+        state, str(directory / MODEL_FILE), metadata={"format": "prunq", "version": str(manifest.get("format", 1))}
+    )
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
 
 

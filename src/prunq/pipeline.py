@@ -54,7 +54,8 @@ def as_recipe(recipe: Recipe | dict | str | Path | None) -> Recipe:
     return load_recipe(recipe)
 
 
-def _evaluate(task: Task, model: nn.Module) -> tuple[float, dict[str, Any]]:
+def evaluate_metric(task: Task, model: nn.Module) -> tuple[float, dict[str, Any]]:
+    """``(headline metric, the task's other metrics)`` on the test split."""
     out = dict(task.evaluate(model))
     metric = float(out.pop("metric"))
     return metric, out
@@ -83,9 +84,7 @@ def quant_config(spec: QuantSpec) -> Q.QuantConfig:
     )  # fmt: skip
 
 
-def run_prune(
-    model: nn.Module, task: Task, recipe: Recipe, *, history: list[dict], quiet: bool = False
-) -> StageResult:
+def run_prune(model: nn.Module, task: Task, recipe: Recipe, *, history: list[dict], quiet: bool = False) -> StageResult:
     """Stage 1 on ``model`` (in place): masks attached, scored, cut on schedule, fine-tuned, frozen."""
     t0 = time.perf_counter()
     spec = recipe.prune
@@ -107,11 +106,11 @@ def run_prune(
         cut = pruner.step()
         if cut is None:
             if recipe.eval_every and (t + 1) % recipe.eval_every == 0:
-                return {"metric": _evaluate(task, model)[0], "sparsity": pruner.sparsity()}
+                return {"metric": evaluate_metric(task, model)[0], "sparsity": pruner.sparsity()}
             return None
         entry: dict[str, Any] = {"sparsity": cut}
         if recipe.eval_every:
-            entry["metric"] = _evaluate(task, model)[0]
+            entry["metric"] = evaluate_metric(task, model)[0]
         return entry
 
     fit(
@@ -121,7 +120,7 @@ def run_prune(
     if not pruner.frozen:  # no fine-tuning budget, or a schedule that ends after it: cut now
         pruner.prune(spec.sparsity)
         pruner.freeze()
-    metric, extra = _evaluate(task, model)
+    metric, extra = evaluate_metric(task, model)
     history.append({"stage": "prune", "step": steps, "metric": metric, "sparsity": pruner.sparsity()})
     extra["sparsity"] = pruner.sparsity()
     return StageResult(model, metric, extra, time.perf_counter() - t0)
@@ -143,16 +142,20 @@ def run_quant(
     calib = task.calibration_batches(spec.calib_batches, bs, seed=recipe.seed + 104729)
     Q.calibrate(model, calib, lambda m, b: task.loss(m, b))
     fit(model, task, spec.finetune, batch_size=bs, seed=recipe.seed + 2, stage="quant", history=history, quiet=quiet)
-    metric, extra = _evaluate(task, model)
+    metric, extra = evaluate_metric(task, model)
     history.append({"stage": "quant", "step": spec.finetune.steps, "metric": metric})
     return StageResult(model, metric, extra, time.perf_counter() - t0), pairs
 
 
-def _stage_cost(model: nn.Module, task: Task, reference: C.ModelCost | None, exclude=()) -> C.ModelCost:
+def stage_cost(model: nn.Module, task: Task, reference: C.ModelCost | None, exclude=()) -> C.ModelCost:
+    """The cost model on ``model`` as it stands, with the bit-widths its quantizers (if any) declare."""
     quant = {
         name: C.LayerQuant(
-            weight_bits=info["weight_bits"], act_bits=info["act_bits"], weight_scales=info["weight_scales"],
-            act_scales=info["act_scales"], scale_bits=8 if info.get("power_of_two") else 32,
+            weight_bits=info["weight_bits"],
+            act_bits=info["act_bits"],
+            weight_scales=info["weight_scales"],
+            act_scales=info["act_scales"],
+            scale_bits=8 if info.get("power_of_two") else 32,
         )  # a power-of-two step is stored as its exponent
         for name, info in Q.layer_quant(model).items()
     }
@@ -236,18 +239,18 @@ def compress(
         model = copy.deepcopy(model)
     t_start = time.perf_counter()
     history: list[dict] = []
-    dense_metric, dense_extra = _evaluate(task, model)
+    dense_metric, dense_extra = evaluate_metric(task, model)
     history.append({"stage": "dense", "step": 0, "metric": dense_metric})
     dense = StageResult(model, dense_metric, dense_extra)
     dense_cost = C.measure(model, task.example_inputs())
     pruned = run_prune(model, task, recipe, history=history, quiet=quiet)
-    pruned_cost = _stage_cost(model, task, dense_cost)
+    pruned_cost = stage_cost(model, task, dense_cost)
     if recipe.quant.enabled:
         compressed, pairs = run_quant(model, task, recipe, history=history, quiet=quiet)
     else:
         compressed, pairs = StageResult(model, pruned.metric, dict(pruned.extra)), []
         compressed.extra.pop("sparsity", None)
-    final_cost = _stage_cost(model, task, dense_cost)
+    final_cost = stage_cost(model, task, dense_cost)
     timing = {"prune_s": pruned.seconds, "quant_s": compressed.seconds, "total_s": time.perf_counter() - t_start}
     metrics = build_metrics(task, dense, dense_cost, pruned, compressed, final_cost, history, timing, pruned_cost)
     manifest = make_manifest(model, recipe, pairs, model_spec)
@@ -276,9 +279,7 @@ def train_dense(model: nn.Module, task: Task, recipe: Recipe, *, quiet: bool = F
     )  # fmt: skip
 
 
-def clone(model: nn.Module) -> nn.Module:
-    """A deep copy (parametrizations and hooks included)."""
-    return copy.deepcopy(model)
-
-
-__all__ = ["compress", "run_prune", "run_quant", "train_dense", "CompressResult", "StageResult", "as_recipe"]
+__all__ = [
+    "compress", "run_prune", "run_quant", "train_dense", "evaluate_metric", "stage_cost", "build_metrics",
+    "CompressResult", "StageResult", "as_recipe",
+]  # fmt: skip

@@ -43,7 +43,9 @@ def dense_model(recipe: Recipe, task: Task, *, quiet: bool = False) -> tuple[nn.
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
-            raise PrunqError(f"{recipe.model.checkpoint}: does not match model {recipe.model.name!r} ({str(e).splitlines()[0]})") from None
+            raise PrunqError(
+                f"{recipe.model.checkpoint}: does not match model {recipe.model.name!r} ({str(e).splitlines()[0]})"
+            ) from None
     else:
         history = train_dense(model, task, recipe, quiet=quiet)
     return model, history, time.perf_counter() - t0

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from prunq import cost as C
-from prunq.pipeline import StageResult, _evaluate, _stage_cost, build_metrics, make_manifest, run_prune, run_quant
+from prunq.pipeline import StageResult, evaluate_metric, stage_cost, build_metrics, make_manifest, run_prune, run_quant
 from prunq.pipeline import CompressResult
 from prunq.recipes import Recipe
 from prunq.runs import dense_model, make_task, model_spec, write_run
@@ -30,7 +30,7 @@ def run_sweep(
     """Run the grid into ``out/runs/<point>/`` and return the table rows and the dense reference."""
     task = make_task(recipe)
     dense, dense_hist, _ = dense_model(recipe, task, quiet=quiet)
-    d_metric, d_extra = _evaluate(task, dense)
+    d_metric, d_extra = evaluate_metric(task, dense)
     d_stage = StageResult(dense, d_metric, d_extra)
     d_cost = C.measure(dense, task.example_inputs())
     rows: list[dict[str, Any]] = []
@@ -39,7 +39,7 @@ def run_sweep(
         hist: list[dict] = [{"stage": "dense", "step": 0, "metric": d_metric}]
         pruned_model = copy.deepcopy(dense)
         pruned = run_prune(pruned_model, task, r_s, history=hist, quiet=quiet)
-        p_cost = _stage_cost(pruned_model, task, d_cost)
+        p_cost = stage_cost(pruned_model, task, d_cost)
         for wb in weight_bits:
             for ab in act_bits:
                 t0 = time.perf_counter()
@@ -47,7 +47,7 @@ def run_sweep(
                 h = list(hist)
                 model = copy.deepcopy(pruned_model)
                 comp, pairs = run_quant(model, task, r, history=h, quiet=quiet)
-                cost = _stage_cost(model, task, d_cost)
+                cost = stage_cost(model, task, d_cost)
                 timing = {"prune_s": pruned.seconds, "quant_s": comp.seconds, "total_s": time.perf_counter() - t0}
                 metrics = build_metrics(task, d_stage, d_cost, pruned, comp, cost, h, timing, p_cost)
                 name = point_name(s, wb, ab)

@@ -29,7 +29,9 @@ def make_optimizer(params, spec) -> torch.optim.Optimizer:
     """The optimizer a :class:`~prunq.recipes.TrainSpec` names."""
     params = [p for p in params if p.requires_grad]
     if spec.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay, nesterov=True)
+        return torch.optim.SGD(
+            params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay, nesterov=True
+        )
     if spec.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
