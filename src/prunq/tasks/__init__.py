@@ -1,4 +1,4 @@
-"""Tasks: classification (digits, CIFAR-10) and, later, stereo depth estimation."""
+"""Tasks: classification (digits, CIFAR-10) and stereo depth estimation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from prunq.tasks.base import Task
 
 __all__ = ["Task", "get_task", "TASKS"]
 
-TASKS = ("digits", "cifar10")
+TASKS = ("digits", "cifar10", "stereo")
 
 
 def get_task(name: str, **kwargs) -> Task:
@@ -20,6 +20,10 @@ def get_task(name: str, **kwargs) -> Task:
         from prunq.tasks.classification.cifar import Cifar10Task
 
         return Cifar10Task(**kwargs)
+    if name == "stereo":
+        from prunq.tasks.stereo.task import StereoTask
+
+        return StereoTask(**kwargs)
     raise PrunqError(f"task.name: unknown task {name!r} (choose from {', '.join(TASKS)})")
 
 
@@ -29,4 +33,8 @@ def build_model(task: str, name: str, **kwargs) -> "torch.nn.Module":  # noqa: F
         from prunq.tasks.classification.models import build
 
         return build(name, **kwargs)
+    if task == "stereo":
+        from prunq.tasks.stereo.models import build as build_stereo
+
+        return build_stereo(name, **kwargs)
     raise PrunqError(f"task.name: unknown task {task!r} (choose from {', '.join(TASKS)})")

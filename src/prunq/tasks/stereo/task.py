@@ -1,0 +1,184 @@
+"""The stereo task (METHOD §6): train on seeded synthetic scenes, report EPE on a synthetic validation split
+and on the Middlebury *motorcycle* pair at full size.
+
+Batches are ``(left, right, disp)``: (B, 3, H, W), (B, 3, H, W), (B, H, W) float32, rendered on the fly
+(``+inf`` disparity marks a pixel without ground truth). They move to the model's device inside
+:meth:`StereoTask.loss` and :meth:`StereoTask.evaluate`.
+
+>>> task = StereoTask(height=32, width=64, max_disp=16, n_train=4, n_val=1, eval_middlebury=False)
+>>> left, right, disp = next(iter(task.train_batches(2, seed=0)))
+>>> tuple(left.shape), tuple(disp.shape)
+((2, 3, 32, 64), (2, 32, 64))
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunq.errors import PrunqError
+from prunq.tasks.base import Task
+from prunq.tasks.classification.common import mixed_seed, model_device
+from prunq.tasks.stereo import models
+from prunq.tasks.stereo.datasets import middlebury_motorcycle
+from prunq.tasks.stereo.metrics import StereoMeter
+from prunq.tasks.stereo.synthetic import SyntheticStereo
+
+__all__ = ["StereoTask"]
+
+_REPORT_KEYS = ("epe", "d1", "bad1", "bad2", "bad3")
+
+
+@functools.lru_cache(maxsize=1)
+def _motorcycle() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Middlebury pair, loaded once per process, as a batch of one: (1, 3, H, W) x 2, (1, H, W)."""
+    left, right, disp = middlebury_motorcycle()
+    return left[None], right[None], disp[None]
+
+
+def _positive_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PrunqError(f"{what}: must be a positive integer, got {value!r}")
+    return value
+
+
+class StereoTask(Task):
+    """Stereo disparity: loss = smooth-L1 over valid pixels, metric = ``epe`` (px, lower is better).
+
+    Training scenes come from ``SyntheticStereo("train", n_train, ...)`` (photometric jitter when
+    ``jitter``); :meth:`evaluate` uses ``n_val`` un-jittered ``"val"`` scenes (rendered once and kept) and,
+    when ``eval_middlebury``, the motorcycle pair at its full 500 x 741 size.
+    """
+
+    name = "stereo"
+    metric_name = "epe"
+    higher_is_better = False
+    default_model = "stereo_net"
+    model_names = tuple(models.MODELS)
+    eval_batch_size = 8
+
+    def __init__(
+        self,
+        height: int = 128,
+        width: int = 256,
+        max_disp: int = 64,
+        n_train: int = 2000,
+        n_val: int = 32,
+        seed: int = 0,
+        jitter: bool = True,
+        eval_middlebury: bool = True,
+    ) -> None:
+        _positive_int(height, "task.height")
+        _positive_int(width, "task.width")
+        _positive_int(max_disp, "task.max_disp")
+        _positive_int(n_train, "task.n_train")
+        _positive_int(n_val, "task.n_val")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise PrunqError(f"task.seed: must be a non-negative integer, got {seed!r}")
+        self.height, self.width, self.max_disp = height, width, max_disp
+        self.seed, self.jitter, self.eval_middlebury = seed, bool(jitter), bool(eval_middlebury)
+        # SyntheticStereo checks sizes vs. max_disp (max_disp < width / 2) and raises PrunqError.
+        self.train_data = SyntheticStereo(
+            "train", n_train, height, width, float(max_disp), seed=seed, jitter=self.jitter
+        )
+        self.val_data = SyntheticStereo("val", n_val, height, width, float(max_disp), seed=seed, jitter=False)
+        self._val_cache: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+
+    # ------------------------------------------------------------------ models
+    def build_model(self, name: str | None = None, **kwargs: Any) -> nn.Module:
+        """A fresh model from the stereo zoo (``stereo_net`` by default); ``max_disp`` defaults to the task's."""
+        name = name or self.default_model
+        if name not in self.model_names:
+            raise PrunqError(
+                f"model.name: unknown model {name!r} for task {self.name!r} (choose from {', '.join(self.model_names)})"
+            )
+        kwargs.setdefault("max_disp", self.max_disp)
+        return models.build(name, **kwargs)
+
+    # ------------------------------------------------------------------ data
+    def train_batches(self, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """One epoch (``n_train`` scenes) of ``(left, right, disp)`` in a seeded order; the last batch may
+        be smaller. Depends only on ``(task seed, seed)``."""
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise PrunqError(f"train.batch_size: must be a positive integer, got {batch_size!r}")
+        return self._epoch(batch_size, mixed_seed(self.seed, seed))
+
+    def _epoch(self, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(self.train_data), generator=torch.Generator().manual_seed(seed)).tolist()
+        for start in range(0, len(order), batch_size):
+            yield _stack([self.train_data[i] for i in order[start : start + batch_size]])
+
+    def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The validation scenes in order, in batches of ``eval_batch_size`` (rendered once, then cached)."""
+        if self._val_cache is None:
+            scenes = [self.val_data[i] for i in range(len(self.val_data))]
+            self._val_cache = [
+                _stack(scenes[s : s + self.eval_batch_size]) for s in range(0, len(scenes), self.eval_batch_size)
+            ]
+        return iter(self._val_cache)
+
+    def example_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first validation pair, (1, 3, height, width) each."""
+        left, right, _ = next(self.val_batches())
+        return left[:1], right[:1]
+
+    # ------------------------------------------------------------------ loss / metric
+    def valid_mask(self, disp: torch.Tensor) -> torch.Tensor:
+        """Pixels that train the model: finite ground truth in (0, max_disp)."""
+        return torch.isfinite(disp) & (disp > 0) & (disp < self.max_disp)
+
+    def loss(self, model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Smooth-L1 (beta 1 px) between ``model(left, right)`` and the ground truth over valid pixels
+        (0, still differentiable, when a batch has none)."""
+        device = model_device(model)
+        left, right, disp = (t.to(device) for t in batch[:3])
+        pred = model(left, right)
+        mask = self.valid_mask(disp)
+        if not bool(mask.any()):
+            return pred.sum() * 0.0
+        return F.smooth_l1_loss(pred[mask], disp[mask], beta=1.0)
+
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+        """``{"metric": val epe, "val": {epe, d1, bad1, bad2, bad3}, "middlebury": {...}}`` (the last only
+        with ``eval_middlebury``), in eval mode under ``no_grad``; every submodule's train/eval flag is
+        restored afterwards. Pixels without ground truth (``inf``) are skipped by the metrics."""
+        modes = [(m, m.training) for m in model.modules()]
+        device = model_device(model)
+        model.eval()
+        try:
+            with torch.no_grad():
+                meter = StereoMeter()
+                for left, right, disp in self.val_batches():
+                    meter.update(model(left.to(device), right.to(device)).float().cpu(), disp)
+                val = _report(meter.compute())
+                out: dict[str, Any] = {"metric": val["epe"], "val": val}
+                if self.eval_middlebury:
+                    left, right, disp = _motorcycle()
+                    meter = StereoMeter()
+                    meter.update(model(left.to(device), right.to(device)).float().cpu(), disp)
+                    out["middlebury"] = _report(meter.compute())
+        finally:
+            for m, was_training in modes:
+                m.training = was_training
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(size={self.height}x{self.width}, max_disp={self.max_disp}, "
+            f"train={len(self.train_data)}, val={len(self.val_data)}, seed={self.seed}, "
+            f"jitter={self.jitter}, eval_middlebury={self.eval_middlebury})"
+        )
+
+
+def _stack(items: Sequence[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    left, right, disp = zip(*items)
+    return torch.stack(left), torch.stack(right), torch.stack(disp)
+
+
+def _report(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: metrics[k] for k in _REPORT_KEYS}
