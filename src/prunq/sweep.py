@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from prunq import cost as C
 from prunq.pipeline import StageResult, evaluate_metric, stage_cost, build_metrics, make_manifest, run_prune, run_quant
 from prunq.pipeline import CompressResult
@@ -34,6 +36,9 @@ def run_sweep(
     d_stage = StageResult(dense, d_metric, d_extra)
     d_cost = C.measure(dense, task.example_inputs())
     rows: list[dict[str, Any]] = []
+    points = tqdm(
+        total=len(sparsities) * len(weight_bits) * len(act_bits), desc="sweep", disable=True if quiet else None
+    )
     for s in sparsities:
         r_s = recipe.with_(**{"prune.sparsity": s})
         hist: list[dict] = [{"stage": "dense", "step": 0, "metric": d_metric}]
@@ -59,6 +64,9 @@ def run_sweep(
                     "bops": cost.bops, "memory_bits": cost.memory_bits,
                     "bops_ratio": cost.bops_ratio, "memory_ratio": cost.memory_ratio, "run": f"runs/{name}",
                 })  # fmt: skip
+                points.update(1)
+                points.set_postfix({"point": name, "metric": f"{comp.metric:.4g}"})
+    points.close()
     dense_ref = {"metric": d_metric, "bops": d_cost.dense_fp32_bops, "memory_bits": d_cost.dense_fp32_memory_bits}
     return rows, {"dense": dense_ref, "metric_name": task.metric_name, "higher_is_better": task.higher_is_better,
                   "task": task.name, "dense_history": dense_hist}  # fmt: skip
