@@ -43,16 +43,16 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from prunq.cost import LayerQuant, measure
-    from prunq.errors import PrunqError
-    from prunq.granularity import Granularity
-    from prunq.io import load
-    from prunq.pipeline import CompressResult, compress, train_dense
-    from prunq.pruner import PruneConfig, Pruner
-    from prunq.quant import QuantConfig, calibrate, convert, prepare, unprepare
-    from prunq.recipes import Recipe, load_recipe, parse_recipe
-    from prunq.schedules import Schedule
-    from prunq.tasks import Task, get_task
+    from prunq.cost import LayerQuant, measure  # noqa: F401
+    from prunq.errors import PrunqError  # noqa: F401
+    from prunq.granularity import Granularity  # noqa: F401
+    from prunq.io import load  # noqa: F401
+    from prunq.pipeline import CompressResult, compress, train_dense  # noqa: F401
+    from prunq.pruner import PruneConfig, Pruner  # noqa: F401
+    from prunq.quant import QuantConfig, calibrate, convert, prepare, unprepare  # noqa: F401
+    from prunq.recipes import Recipe, load_recipe, parse_recipe  # noqa: F401
+    from prunq.schedules import Schedule  # noqa: F401
+    from prunq.tasks import Task, get_task  # noqa: F401
 
 
 def __getattr__(name: str):
