@@ -52,3 +52,20 @@ class Task(ABC):
             if len(out) >= n:
                 break
         return out
+
+
+def build_from_zoo(zoo: dict[str, Any], name: str, **kwargs: Any) -> nn.Module:
+    """``zoo[name](**kwargs)``; an unknown name or argument is a :class:`~prunq.errors.PrunqError`."""
+    import inspect
+
+    from prunq.errors import PrunqError
+
+    if name not in zoo:
+        raise PrunqError(f"model.name: unknown model {name!r} (choose from {', '.join(zoo)})")
+    factory = zoo[name]
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as exc:
+        allowed = ", ".join(inspect.signature(factory).parameters)
+        raise PrunqError(f"model: {name} does not take these arguments ({exc}); allowed: {allowed}") from None
+    return factory(**kwargs)

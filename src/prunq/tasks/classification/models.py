@@ -15,7 +15,6 @@ torch.Size([2, 10])
 
 from __future__ import annotations
 
-import inspect
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from prunq.errors import PrunqError
+from prunq.tasks.base import build_from_zoo
 
 __all__ = ["DigitsCNN", "BasicBlock", "CifarResNet", "resnet20", "resnet32", "resnet56", "MODELS", "build"]
 
@@ -213,12 +213,4 @@ def build(name: str, **kwargs: object) -> nn.Module:
     >>> build("digits_cnn", width=0.5).features.conv1.out_channels
     16
     """
-    if name not in MODELS:
-        raise PrunqError(f"model.name: unknown model {name!r} (choose from {', '.join(MODELS)})")
-    factory = MODELS[name]
-    try:
-        inspect.signature(factory).bind(**kwargs)
-    except TypeError as exc:
-        allowed = ", ".join(inspect.signature(factory).parameters)
-        raise PrunqError(f"model: {name} does not take these arguments ({exc}); allowed: {allowed}") from None
-    return factory(**kwargs)
+    return build_from_zoo(MODELS, name, **kwargs)

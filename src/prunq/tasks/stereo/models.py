@@ -20,7 +20,6 @@ torch.Size([2, 37, 53])
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections import OrderedDict
 from collections.abc import Callable
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunq.errors import PrunqError
+from prunq.tasks.base import build_from_zoo
 
 __all__ = ["MODELS", "StereoNet", "build", "group_correlation"]
 
@@ -192,12 +192,4 @@ def build(name: str, **kwargs: object) -> nn.Module:
     >>> build("stereo_net", max_disp=32).n_disp
     8
     """
-    if name not in MODELS:
-        raise PrunqError(f"model.name: unknown model {name!r} (choose from {', '.join(MODELS)})")
-    factory = MODELS[name]
-    try:
-        inspect.signature(factory).bind(**kwargs)
-    except TypeError as exc:
-        allowed = ", ".join(inspect.signature(factory).parameters)
-        raise PrunqError(f"model: {name} does not take these arguments ({exc}); allowed: {allowed}") from None
-    return factory(**kwargs)
+    return build_from_zoo(MODELS, name, **kwargs)
