@@ -136,7 +136,6 @@ class Pruner:
         self._updates = ups
         self.t = 0
         self.frozen = False
-        self.last_target = 0.0
         self._pin_scale = 1.0
 
     # -- training-loop hooks ---------------------------------------------------------------------
@@ -184,10 +183,9 @@ class Pruner:
         """
         if not 0.0 <= sparsity < 1.0:
             raise PrunqError(f"prune.sparsity: {sparsity} is outside [0, 1)")
-        self.last_target = sparsity
         self._pin_scale = pin_scale
         if self.gran.kind == "n:m":
-            new = {layer.name: self._nm_mask(layer) for layer in self.layers}
+            new = {layer.name: self.gran.nm_mask(self._scores(layer)) for layer in self.layers}
         else:
             scores = {layer.name: self._scores(layer) for layer in self.layers}
             if self.config.allocation == "global":
@@ -229,9 +227,6 @@ class Pruner:
         if self.gran.kind in ("kernel", "channel"):
             return self.gran.reduce_sum(m.float()) > 0
         return m
-
-    def _nm_mask(self, layer: _Layer) -> torch.Tensor:
-        return self.gran.nm_mask(self._scores(layer))
 
     def _target_for(self, layer: _Layer, sparsity: float) -> float:
         return sparsity if layer.pin is None else layer.pin * self._pin_scale
