@@ -42,7 +42,7 @@ def _metrics() -> dict:
                   "memory_bits": dense_params * 32},
         "pruned": {"metric": 0.975, "sparsity": 0.98},
         "compressed": {"metric": 0.978, "sparsity": 0.98, "weight_bits": 4, "act_bits": 8,
-                       "bops": 51234.0, "memory_bits": 21000},
+                       "bops": 51234.0, "memory_bits": 21000, "middlebury": {"epe": 1.5, "d1": 0.12}},
         "memory_ratio": 0.012, "bops_ratio": 0.0006, "memory_ratio_int8": 0.048, "bops_ratio_int8": 0.0096,
         "memory_bits_by_encoding": {"dense": 80000, "bitmap": 21000, "csr": 24000, "relative": 22000,
                                     "best": 20500},
@@ -57,7 +57,6 @@ def _metrics() -> dict:
             {"stage": "quant", "step": 5, "loss": 0.35, "metric": 0.978, "sparsity": 0.98},
         ],
         "timing": {"dense_s": 3.2, "prune_s": 75.0, "quant_s": 4000.0, "total_s": 4078.2},
-        "extra": {"compressed": {"middlebury": {"epe": 1.5, "d1": 0.12}}},
     }
 
 
@@ -131,7 +130,7 @@ def test_render_report(tmp_path):
 def test_render_report_minimal_metrics(tmp_path):
     """Only the §5 keys: optional sections are left out, nothing crashes."""
     m = _metrics()
-    for k in ("memory_bits_by_encoding", "entropy_bound_bits", "history", "timing", "extra",
+    for k in ("memory_bits_by_encoding", "entropy_bound_bits", "history", "timing",
               "memory_ratio_int8", "bops_ratio_int8", "prunq_version"):
         del m[k]
     for layer in m["layers"]:

@@ -17,6 +17,7 @@ from prunq.errors import PrunqError
 
 MODEL_FILE = "model.safetensors"
 MANIFEST_FILE = "model.json"
+PREVIEWS_FILE = "previews.safetensors"
 
 
 def save_model(directory: Path, model: nn.Module, manifest: dict[str, Any]) -> None:
@@ -26,6 +27,11 @@ def save_model(directory: Path, model: nn.Module, manifest: dict[str, Any]) -> N
         state, str(directory / MODEL_FILE), metadata={"format": "prunq", "version": str(manifest.get("format", 1))}
     )
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+
+
+def save_previews(directory: Path, previews: dict[str, torch.Tensor]) -> None:
+    """Write the task's previews (``"<stage>.<name>"`` -> tensor) as ``previews.safetensors``."""
+    save_file({k: v.detach().contiguous().cpu() for k, v in previews.items()}, str(directory / PREVIEWS_FILE))
 
 
 def load_state(path: str | Path) -> dict[str, torch.Tensor]:

@@ -41,6 +41,7 @@ class CompressResult:
     metrics: dict[str, Any]
     manifest: dict[str, Any]
     history: list[dict]
+    previews: dict[str, Any] = field(default_factory=dict)
 
 
 def as_recipe(recipe: Recipe | dict | str | Path | None) -> Recipe:
@@ -162,6 +163,10 @@ def stage_cost(model: nn.Module, task: Task, reference: C.ModelCost | None, excl
     return C.measure(model, task.example_inputs(), quant=quant, exclude=exclude, reference=reference)
 
 
+def _extras(stage: StageResult) -> dict[str, Any]:
+    return {k: v for k, v in stage.extra.items() if k != "sparsity"}
+
+
 def _most_common(values: list[int]) -> int:
     return max(set(values), key=values.count) if values else 32
 
@@ -187,17 +192,19 @@ def build_metrics(
         "metric_name": task.metric_name,
         "higher_is_better": task.higher_is_better,
         "prunq_version": __version__,
+        # A stage's other metrics (the task's extras, e.g. stereo's "val" and "middlebury") sit beside its
+        # headline figures; the METHOD.md §5 keys come last so that an extra can never shadow one.
         "dense": {
-            "metric": dense.metric, "params": dense_cost.params, "macs": dense_cost.macs,
+            **_extras(dense), "metric": dense.metric, "params": dense_cost.params, "macs": dense_cost.macs,
             "bops": dense_cost.dense_fp32_bops, "memory_bits": dense_cost.dense_fp32_memory_bits,
         },
         "pruned": {
-            "metric": pruned.metric, "sparsity": pruned.extra.get("sparsity", 0.0),
+            **_extras(pruned), "metric": pruned.metric, "sparsity": pruned.extra.get("sparsity", 0.0),
             **({"bops": pruned_cost.bops, "memory_bits": pruned_cost.memory_bits} if pruned_cost else {}),
         },
         "compressed": {
-            "metric": compressed.metric, "sparsity": final_cost.sparsity, "weight_bits": wb, "act_bits": ab,
-            "bops": final_cost.bops, "memory_bits": final_cost.memory_bits,
+            **_extras(compressed), "metric": compressed.metric, "sparsity": final_cost.sparsity,
+            "weight_bits": wb, "act_bits": ab, "bops": final_cost.bops, "memory_bits": final_cost.memory_bits,
         },
         "memory_ratio": final_cost.memory_ratio,
         "bops_ratio": final_cost.bops_ratio,
@@ -206,11 +213,6 @@ def build_metrics(
         "memory_bits_by_encoding": fc.get("memory_bits_by_encoding", {}),
         "entropy_bound_bits": sum(lc.entropy_bits for lc in final_cost.layers),
         "layers": layers,
-        "extra": {
-            "dense": {k: v for k, v in dense.extra.items() if k != "sparsity"},
-            "pruned": {k: v for k, v in pruned.extra.items() if k != "sparsity"},
-            "compressed": compressed.extra,
-        },
         "history": history,
         "timing": timing,
     }  # fmt: skip
@@ -242,6 +244,7 @@ def compress(
     dense_metric, dense_extra = evaluate_metric(task, model)
     history.append({"stage": "dense", "step": 0, "metric": dense_metric})
     dense = StageResult(model, dense_metric, dense_extra)
+    previews = stage_previews(task, model, "dense")
     dense_cost = C.measure(model, task.example_inputs())
     pruned = run_prune(model, task, recipe, history=history, quiet=quiet)
     pruned_cost = stage_cost(model, task, dense_cost)
@@ -254,7 +257,13 @@ def compress(
     timing = {"prune_s": pruned.seconds, "quant_s": compressed.seconds, "total_s": time.perf_counter() - t_start}
     metrics = build_metrics(task, dense, dense_cost, pruned, compressed, final_cost, history, timing, pruned_cost)
     manifest = make_manifest(model, recipe, pairs, model_spec)
-    return CompressResult(model, metrics, manifest, history)
+    previews.update(stage_previews(task, model, "compressed"))
+    return CompressResult(model, metrics, manifest, history, previews)
+
+
+def stage_previews(task: Task, model: nn.Module, stage: str) -> dict[str, Any]:
+    """The task's previews of ``model``, keyed ``"<stage>.<name>"`` (what ``previews.safetensors`` holds)."""
+    return {f"{stage}.{k}": v for k, v in task.previews(model).items()}
 
 
 def make_manifest(
@@ -281,5 +290,5 @@ def train_dense(model: nn.Module, task: Task, recipe: Recipe, *, quiet: bool = F
 
 __all__ = [
     "compress", "run_prune", "run_quant", "train_dense", "evaluate_metric", "stage_cost", "build_metrics",
-    "CompressResult", "StageResult", "as_recipe",
+    "stage_previews", "CompressResult", "StageResult", "as_recipe",
 ]  # fmt: skip

@@ -403,13 +403,13 @@ def _format_extra(key: str, v: Any) -> str:
     return _DASH if v is None else str(v)
 
 
+# The METHOD.md §5 keys of each stage section; anything else there is one of the task's other metrics.
+_STAGE_KEYS = frozenset({"metric", "params", "macs", "bops", "memory_bits", "sparsity", "weight_bits", "act_bits"})
+
+
 def _extra(metrics: Mapping[str, Any]) -> str | None:
-    extra = metrics.get("extra")
-    if not isinstance(extra, Mapping) or not extra:
-        return None
-    stages = [s for s in ("dense", "pruned", "compressed") if isinstance(extra.get(s), Mapping)]
-    stages += [s for s in extra if s not in stages and isinstance(extra.get(s), Mapping)]
-    flat = {s: _flatten(extra[s]) for s in stages}
+    stages = [s for s in ("dense", "pruned", "compressed") if isinstance(metrics.get(s), Mapping)]
+    flat = {s: _flatten({k: v for k, v in metrics[s].items() if k not in _STAGE_KEYS}) for s in stages}
     keys: list[str] = []
     for s in stages:
         keys += [k for k in flat[s] if k not in keys]
@@ -431,6 +431,24 @@ def _timing(metrics: Mapping[str, Any]) -> str | None:
     order += [k for k in timing if k not in names] + (["total_s"] if "total_s" in timing else [])
     rows = [[names.get(k, k.removesuffix("_s")), _duration(timing[k])] for k in order]
     return "\n".join(["## Timing", "", _table(["stage", "wall time"], rows, "lr")])
+
+
+def _previews(run_dir: Path, task: str) -> str | None:
+    """The task's pictures of the dense and compressed models' outputs (``previews.safetensors``)."""
+    from prunq.io import PREVIEWS_FILE, load_state
+    from prunq.tasks import render_previews
+
+    path = run_dir / PREVIEWS_FILE
+    if not path.is_file():
+        return None
+    figures = render_previews(task, load_state(path), run_dir / "plots")
+    if not figures:
+        return None
+    (caption, main), *panels = figures
+    lines = ["## Predictions", "", f"![{caption}](plots/{main})", ""]
+    if panels:
+        lines.append("Each panel on its own: " + " · ".join(f"[{c}](plots/{n})" for c, n in panels))
+    return "\n".join(lines)
 
 
 def _fence(text: str) -> str:
@@ -471,6 +489,9 @@ def render_report(run_dir: str | os.PathLike[str]) -> Path:
     if encodings:
         parts += [encodings, ""]
     parts += ["## Stages", "", "![Metric by stage and fine-tuning curves](plots/stages.png)", ""]
+    pictures = _previews(run_dir, str(metrics.get("task")))
+    if pictures:
+        parts += [pictures, ""]
     for block in (_extra(metrics), _timing(metrics)):
         if block:
             parts += [block, ""]

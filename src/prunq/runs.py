@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from prunq.errors import PrunqError
-from prunq.io import load_state, save_model
+from prunq.io import load_state, save_model, save_previews
 from prunq.pipeline import CompressResult, compress, train_dense
 from prunq.recipes import Recipe, dump_recipe
 from prunq.tasks import get_task
@@ -57,11 +57,14 @@ def model_spec(recipe: Recipe) -> dict[str, Any]:
 
 
 def write_run(directory: Path, recipe: Recipe, result: CompressResult, *, render: bool = True) -> None:
-    """Write recipe.yaml, metrics.json, model.safetensors + model.json and the report into ``directory``."""
+    """Write recipe.yaml, metrics.json, model.safetensors + model.json, previews.safetensors (when the task
+    has pictures to show) and the report into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "recipe.yaml").write_text(dump_recipe(recipe))
     (directory / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
     save_model(directory, result.model, result.manifest)
+    if result.previews:
+        save_previews(directory, result.previews)
     if render:
         from prunq.report import render_report
 

@@ -14,8 +14,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from prunq import cost as C
-from prunq.pipeline import StageResult, evaluate_metric, stage_cost, build_metrics, make_manifest, run_prune, run_quant
-from prunq.pipeline import CompressResult
+from prunq.pipeline import (
+    CompressResult, StageResult, build_metrics, evaluate_metric, make_manifest, run_prune, run_quant, stage_cost,
+    stage_previews,
+)  # fmt: skip
 from prunq.recipes import Recipe
 from prunq.runs import dense_model, make_task, model_spec, write_run
 
@@ -35,6 +37,7 @@ def run_sweep(
     d_metric, d_extra = evaluate_metric(task, dense)
     d_stage = StageResult(dense, d_metric, d_extra)
     d_cost = C.measure(dense, task.example_inputs())
+    d_previews = stage_previews(task, dense, "dense")
     rows: list[dict[str, Any]] = []
     points = tqdm(
         total=len(sparsities) * len(weight_bits) * len(act_bits), desc="sweep", disable=True if quiet else None
@@ -56,7 +59,8 @@ def run_sweep(
                 timing = {"prune_s": pruned.seconds, "quant_s": comp.seconds, "total_s": time.perf_counter() - t0}
                 metrics = build_metrics(task, d_stage, d_cost, pruned, comp, cost, h, timing, p_cost)
                 name = point_name(s, wb, ab)
-                result = CompressResult(model, metrics, make_manifest(model, r, pairs, model_spec(r)), h)
+                previews = {**d_previews, **stage_previews(task, model, "compressed")}
+                result = CompressResult(model, metrics, make_manifest(model, r, pairs, model_spec(r)), h, previews)
                 write_run(out / "runs" / name, r, result)
                 rows.append({
                     "sparsity": s, "weight_bits": wb, "act_bits": ab, "metric": comp.metric,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prunq.errors import PrunqError
 from prunq.tasks.base import Task
 
-__all__ = ["Task", "get_task", "TASKS"]
+__all__ = ["Task", "get_task", "render_previews", "TASKS"]
 
 TASKS = ("digits", "cifar10", "stereo")
 
@@ -38,3 +38,14 @@ def build_model(task: str, name: str, **kwargs) -> "torch.nn.Module":  # noqa: F
 
         return build_stereo(name, **kwargs)
     raise PrunqError(f"task.name: unknown task {task!r} (choose from {', '.join(TASKS)})")
+
+
+def render_previews(task: str, previews: dict, out_dir) -> list[tuple[str, str]]:
+    """Draw a run's previews (:meth:`Task.previews` of the dense and compressed models, keyed
+    ``"<stage>.<name>"``) into ``out_dir``; returns ``(caption, file name)`` pairs, the main figure first.
+    Tasks without pictures return ``[]``."""
+    if task == "stereo":
+        from prunq.tasks.stereo.viz import render_previews as render_stereo
+
+        return render_stereo(previews, out_dir)
+    return []

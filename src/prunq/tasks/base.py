@@ -6,8 +6,9 @@ loaders yield (a tuple of tensors); :meth:`Task.loss` and :meth:`Task.evaluate` 
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -44,6 +45,14 @@ class Task(ABC):
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
         """Positional inputs for one forward at batch size 1 (used to count MACs)."""
 
+    def previews(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Small model outputs worth showing in a report (e.g. a predicted depth map), keyed by name.
+
+        Called on the dense and on the compressed model; the run keeps them in ``previews.safetensors``
+        and :func:`prunq.tasks.render_previews` draws them. Default: none.
+        """
+        return {}
+
     def calibration_batches(self, n: int, batch_size: int, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
         """``n`` training batches for calibration and scoring (default: the first of an epoch)."""
         out: list[tuple[torch.Tensor, ...]] = []
@@ -52,6 +61,26 @@ class Task(ABC):
             if len(out) >= n:
                 break
         return out
+
+
+@contextlib.contextmanager
+def inference(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode under ``no_grad`` for the block; every submodule's train/eval flag is restored after.
+
+    >>> m = nn.Sequential(nn.BatchNorm1d(2)).train()
+    >>> with inference(m): print(m.training, torch.is_grad_enabled())
+    False False
+    >>> m.training
+    True
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        for m, was_training in modes:
+            m.training = was_training
 
 
 def build_from_zoo(zoo: dict[str, Any], name: str, **kwargs: Any) -> nn.Module:

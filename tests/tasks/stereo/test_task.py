@@ -84,8 +84,25 @@ def test_evaluate_middlebury():
     """Full-size motorcycle (500 x 741) through an untrained net: finite numbers, all keys (~0.5 s)."""
     t = StereoTask(height=32, width=64, max_disp=16, n_train=2, n_val=1, eval_middlebury=True)
     torch.manual_seed(0)
-    r = t.evaluate(t.build_model(max_disp=64))
+    model = t.build_model(max_disp=64)
+    r = t.evaluate(model)
     assert set(r["middlebury"]) == KEYS and math.isfinite(r["middlebury"]["epe"])
+    # the preview is the same full-size prediction the metric was computed from
+    pred = t.previews(model)["middlebury"]
+    _, _, gt = task_module._motorcycle()
+    assert pred.shape == (500, 741)
+    valid = torch.isfinite(gt[0])
+    assert (pred - gt[0]).abs()[valid].mean().item() == pytest.approx(r["middlebury"]["epe"], rel=1e-5)
+
+
+def test_training_scene_cache_changes_no_value():
+    kw = dict(height=32, width=64, max_disp=16, n_train=5, n_val=1, eval_middlebury=False)
+    cached, fresh = StereoTask(**kw), StereoTask(**kw, cache=False)
+    for _ in range(2):  # the second epoch comes from the cache
+        for a, b in zip(cached.train_batches(2, seed=3), fresh.train_batches(2, seed=3)):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert len(cached._train_cache) == 5 and not fresh._train_cache
+    assert cached.previews(cached.build_model()) == {}  # no Middlebury, nothing to show
 
 
 def test_docstring_examples():

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunq.errors import PrunqError
-from prunq.tasks.base import Task
+from prunq.tasks.base import Task, inference
 from prunq.tasks.classification import models
 
 __all__ = ["ClassificationTask", "random_crop", "random_hflip", "model_device", "mixed_seed"]
@@ -153,21 +153,15 @@ class ClassificationTask(Task):
 
         Runs in eval mode under ``no_grad`` and restores every submodule's train/eval flag afterwards.
         """
-        modes = [(m, m.training) for m in model.modules()]
         device = model_device(model)
         correct, loss_sum, n = 0, 0.0, 0
-        model.eval()
-        try:
-            with torch.no_grad():
-                for x, y in self.test_batches():
-                    x, y = x.to(device), y.to(device)
-                    logits = model(x)
-                    loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
-                    correct += int((logits.argmax(dim=1) == y).sum())
-                    n += len(y)
-        finally:
-            for m, was_training in modes:
-                m.training = was_training
+        with inference(model):
+            for x, y in self.test_batches():
+                x, y = x.to(device), y.to(device)
+                logits = model(x)
+                loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+                correct += int((logits.argmax(dim=1) == y).sum())
+                n += len(y)
         return {"metric": correct / max(n, 1), "loss": loss_sum / max(n, 1), "n": n}
 
     def __repr__(self) -> str:

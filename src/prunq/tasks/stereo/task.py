@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunq.errors import PrunqError
-from prunq.tasks.base import Task
+from prunq.tasks.base import Task, inference
 from prunq.tasks.classification.common import mixed_seed, model_device
 from prunq.tasks.stereo import models
 from prunq.tasks.stereo.datasets import middlebury_motorcycle
@@ -52,7 +52,8 @@ class StereoTask(Task):
 
     Training scenes come from ``SyntheticStereo("train", n_train, ...)`` (photometric jitter when
     ``jitter``); :meth:`evaluate` uses ``n_val`` un-jittered ``"val"`` scenes (rendered once and kept) and,
-    when ``eval_middlebury``, the motorcycle pair at its full 500 x 741 size.
+    when ``eval_middlebury``, the motorcycle pair at its full 500 x 741 size. With ``cache`` (default)
+    rendered training scenes are kept in memory (``n_train`` x ~0.9 MB at 128 x 256).
     """
 
     name = "stereo"
@@ -72,6 +73,7 @@ class StereoTask(Task):
         seed: int = 0,
         jitter: bool = True,
         eval_middlebury: bool = True,
+        cache: bool = True,
     ) -> None:
         _positive_int(height, "task.height")
         _positive_int(width, "task.width")
@@ -82,6 +84,10 @@ class StereoTask(Task):
             raise PrunqError(f"task.seed: must be a non-negative integer, got {seed!r}")
         self.height, self.width, self.max_disp = height, width, max_disp
         self.seed, self.jitter, self.eval_middlebury = seed, bool(jitter), bool(eval_middlebury)
+        # Scene i is a pure function of (seed, split, i), so keeping rendered scenes changes no value; it
+        # makes every epoch after the first free of rendering (~18 ms a 128 x 256 scene, ~0.9 MB kept).
+        self.cache = bool(cache)
+        self._train_cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         # SyntheticStereo checks sizes vs. max_disp (max_disp < width / 2) and raises PrunqError.
         self.train_data = SyntheticStereo(
             "train", n_train, height, width, float(max_disp), seed=seed, jitter=self.jitter
@@ -111,7 +117,15 @@ class StereoTask(Task):
     def _epoch(self, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         order = torch.randperm(len(self.train_data), generator=torch.Generator().manual_seed(seed)).tolist()
         for start in range(0, len(order), batch_size):
-            yield _stack([self.train_data[i] for i in order[start : start + batch_size]])
+            yield _stack([self._train_item(i) for i in order[start : start + batch_size]])
+
+    def _train_item(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        item = self._train_cache.get(i)
+        if item is None:
+            item = self.train_data[i]
+            if self.cache:
+                self._train_cache[i] = item
+        return item
 
     def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The validation scenes in order, in batches of ``eval_batch_size`` (rendered once, then cached)."""
@@ -147,25 +161,30 @@ class StereoTask(Task):
         """``{"metric": val epe, "val": {epe, d1, bad1, bad2, bad3}, "middlebury": {...}}`` (the last only
         with ``eval_middlebury``), in eval mode under ``no_grad``; every submodule's train/eval flag is
         restored afterwards. Pixels without ground truth (``inf``) are skipped by the metrics."""
-        modes = [(m, m.training) for m in model.modules()]
         device = model_device(model)
-        model.eval()
-        try:
-            with torch.no_grad():
+        with inference(model):
+            meter = StereoMeter()
+            for left, right, disp in self.val_batches():
+                meter.update(model(left.to(device), right.to(device)).float().cpu(), disp)
+            val = _report(meter.compute())
+            out: dict[str, Any] = {"metric": val["epe"], "val": val}
+            if self.eval_middlebury:
+                left, right, disp = _motorcycle()
                 meter = StereoMeter()
-                for left, right, disp in self.val_batches():
-                    meter.update(model(left.to(device), right.to(device)).float().cpu(), disp)
-                val = _report(meter.compute())
-                out: dict[str, Any] = {"metric": val["epe"], "val": val}
-                if self.eval_middlebury:
-                    left, right, disp = _motorcycle()
-                    meter = StereoMeter()
-                    meter.update(model(left.to(device), right.to(device)).float().cpu(), disp)
-                    out["middlebury"] = _report(meter.compute())
-        finally:
-            for m, was_training in modes:
-                m.training = was_training
+                meter.update(model(left.to(device), right.to(device)).float().cpu(), disp)
+                out["middlebury"] = _report(meter.compute())
         return out
+
+    def previews(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """``{"middlebury": (H, W) float32}``: the model's disparity for the motorcycle pair at full size
+        (nothing when ``eval_middlebury`` is off)."""
+        if not self.eval_middlebury:
+            return {}
+        left, right, _ = _motorcycle()
+        device = model_device(model)
+        with inference(model):
+            pred = model(left.to(device), right.to(device))[0].float().cpu()
+        return {"middlebury": pred.contiguous()}
 
     def __repr__(self) -> str:
         return (
