@@ -57,6 +57,19 @@ def test_evaluate_and_report_from_a_saved_run(good_run):
     assert (out / "report.md").is_file()
 
 
+def test_the_trained_dense_model_is_kept_and_reusable(good_run, tmp_path):
+    """dense.safetensors holds the model the run trained: as `model.checkpoint` it gives the same dense metric."""
+    _, out = good_run
+    assert (out / "dense.safetensors").is_file()
+    m = json.loads((out / "metrics.json").read_text())
+    reuse = {**TINY, "model": {**TINY.get("model", {}), "checkpoint": str(out / "dense.safetensors")}}
+    reuse["prune"] = {**TINY["prune"], "finetune": {"steps": 0}}
+    assert main(["compress", str(_recipe(tmp_path, reuse)), "--out", str(tmp_path / "again"), "--quiet"]) == 0
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert again["dense"]["metric"] == m["dense"]["metric"]
+    assert not (tmp_path / "again" / "dense.safetensors").exists()  # loaded, not trained: nothing new to keep
+
+
 def test_existing_out_needs_overwrite(good_run, capsys):
     recipe, out = good_run
     before = (out / "metrics.json").read_text()

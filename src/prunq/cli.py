@@ -107,7 +107,8 @@ def cmd_sweep(args) -> int:
     wbits = args.weight_bits or [recipe.quant.weight_bits]
     abits = args.act_bits or [recipe.quant.act_bits]
     with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
-        rows, info = run_sweep(recipe, args.sparsity, wbits, abits, Path(tmp), quiet=args.quiet)
+        bits = [(wb, ab) for wb in wbits for ab in abits]
+        rows, info = run_sweep(recipe, args.sparsity, bits, Path(tmp), quiet=args.quiet)
         (Path(tmp) / "sweep.json").write_text(json.dumps({"rows": rows, **info}, indent=2))
         render_sweep(Path(tmp), rows, info["metric_name"], info["higher_is_better"], dense=info["dense"])
     if not args.quiet:

@@ -18,6 +18,7 @@ from prunq.errors import PrunqError
 MODEL_FILE = "model.safetensors"
 MANIFEST_FILE = "model.json"
 PREVIEWS_FILE = "previews.safetensors"
+DENSE_FILE = "dense.safetensors"
 
 
 def save_model(directory: Path, model: nn.Module, manifest: dict[str, Any]) -> None:

@@ -42,6 +42,7 @@ class CompressResult:
     manifest: dict[str, Any]
     history: list[dict]
     previews: dict[str, Any] = field(default_factory=dict)
+    dense_state: dict[str, Any] | None = None  # the dense weights, when the run trained them
 
 
 def as_recipe(recipe: Recipe | dict | str | Path | None) -> Recipe:

@@ -383,12 +383,13 @@ def _layers_table(layers: Sequence[Any]) -> str:
     return _table(headers, rows, "ll" + "r" * 8 + "l")
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings to dotted keys: ``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, Mapping):
-            out.update(_flatten(v, key + "."))
+            out.update(flatten(v, key + "."))
         else:
             out[key] = v
     return out
@@ -409,7 +410,7 @@ _STAGE_KEYS = frozenset({"metric", "params", "macs", "bops", "memory_bits", "spa
 
 def _extra(metrics: Mapping[str, Any]) -> str | None:
     stages = [s for s in ("dense", "pruned", "compressed") if isinstance(metrics.get(s), Mapping)]
-    flat = {s: _flatten({k: v for k, v in metrics[s].items() if k not in _STAGE_KEYS}) for s in stages}
+    flat = {s: flatten({k: v for k, v in metrics[s].items() if k not in _STAGE_KEYS}) for s in stages}
     keys: list[str] = []
     for s in stages:
         keys += [k for k in flat[s] if k not in keys]

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from prunq.errors import PrunqError
-from prunq.io import load_state, save_model, save_previews
+from prunq.io import DENSE_FILE, load_state, save_model, save_previews
 from prunq.pipeline import CompressResult, compress, train_dense
 from prunq.recipes import Recipe, dump_recipe
 from prunq.tasks import get_task
@@ -58,13 +59,15 @@ def model_spec(recipe: Recipe) -> dict[str, Any]:
 
 def write_run(directory: Path, recipe: Recipe, result: CompressResult, *, render: bool = True) -> None:
     """Write recipe.yaml, metrics.json, model.safetensors + model.json, previews.safetensors (when the task
-    has pictures to show) and the report into ``directory``."""
+    has pictures to show), dense.safetensors (when the run trained its dense model) and the report."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "recipe.yaml").write_text(dump_recipe(recipe))
     (directory / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
     save_model(directory, result.model, result.manifest)
     if result.previews:
         save_previews(directory, result.previews)
+    if result.dense_state is not None:  # reusable as `model.checkpoint` for another compression run
+        save_file(result.dense_state, str(directory / DENSE_FILE))
     if render:
         from prunq.report import render_report
 
@@ -75,10 +78,12 @@ def compress_recipe(recipe: Recipe, *, quiet: bool = False) -> CompressResult:
     """Everything ``prunq compress`` does before writing: task, dense model, both stages."""
     task = make_task(recipe)
     model, dense_hist, dense_s = dense_model(recipe, task, quiet=quiet)
+    trained = None if recipe.model.checkpoint else {k: v.detach().clone() for k, v in model.state_dict().items()}
     result = compress(model, task, recipe, quiet=quiet, model_spec=model_spec(recipe), inplace=True)
     if dense_hist:  # the dense metric is measured after training: plot it there
         result.metrics["history"][0]["step"] = recipe.dense.steps
     result.metrics["history"] = dense_hist + result.metrics["history"]
     result.metrics["timing"]["dense_s"] = dense_s
     result.metrics["timing"]["total_s"] += dense_s
+    result.dense_state = trained
     return result
