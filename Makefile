@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench bench-stereo stereo clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,11 +20,28 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/prunq compress recipes/digits.yaml --out runs/demo --overwrite
 
+# The paper's target task: StereoNet trained on synthetic scenes, 95 % sparse, w4a8 (about 20 min on 2 cores).
+stereo: $(STAMP)
+	$(BIN)/prunq compress recipes/stereo.yaml --out runs/stereo --overwrite
+
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
 bench: $(STAMP)
 	$(BIN)/python bench/digits.py
+
+# Stereo grid + StereoSGBM reference, from the dense model `make stereo` trained (see bench/stereo.py); one
+# process per method, one thread each. The `make stereo` run itself is kept as bench/results/stereo_run/.
+bench-stereo: $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]'
+	test -f runs/stereo/dense.safetensors || $(MAKE) stereo
+	rm -rf bench/results/stereo_run && mkdir -p bench/results/stereo_run
+	cp -r runs/stereo/metrics.json runs/stereo/recipe.yaml runs/stereo/report.md runs/stereo/plots bench/results/stereo_run/
+	$(BIN)/python bench/stereo.py --dense runs/stereo/dense.safetensors --methods taylor-soft --threads 1 \
+	  --name stereo_taylor-soft --quiet & pid=$$!; \
+	$(BIN)/python bench/stereo.py --dense runs/stereo/dense.safetensors --methods magnitude-hard --threads 1 \
+	  --name stereo_magnitude-hard --quiet; b=$$?; wait $$pid && test $$b -eq 0
+	$(BIN)/python bench/stereo.py --combine stereo_taylor-soft stereo_magnitude-hard --name stereo
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from prunq import cost as C
 from prunq.io import load_state
 from prunq.recipes import load_recipe
 from prunq.runs import dense_model, make_task
@@ -110,6 +111,8 @@ def run(args) -> dict:
     if args.save_dense:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(args.save_dense))
     print(f"dense model ready in {dense_s:.0f} s", flush=True)
+    left, right, _ = _motorcycle()
+    full = C.measure(model, (left, right))  # the model's size and work at Middlebury's 500 x 741
 
     max_disp = int(recipe.task.options.get("max_disp", 64))
     sgbm = None
@@ -137,6 +140,8 @@ def run(args) -> dict:
         "machine": {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
                     "threads": torch.get_num_threads()},
         "dense": {**dense_ref, "seconds": dense_s, "source": str(args.dense) if args.dense else "trained"},
+        "full_size": {"height": int(left.shape[-2]), "width": int(left.shape[-1]), "params": full.params,
+                      "macs": full.macs},
         "sgbm": sgbm, "rows": rows,
         "wall_s": time.perf_counter() - t0,
     }  # fmt: skip
@@ -166,7 +171,8 @@ def summarize(res: dict) -> str:
         "# Stereo benchmark", "",
         *[f"`python bench/stereo.py {' '.join(a)}`" for a in res.get("commands", [sys.argv[1:]])], "",
         f"One dense StereoNet ({d['params']:,} parameters, {d['macs'] / 1e9:.2f} GMAC at "
-        f"{rr['task']['options'].get('height')}x{rr['task']['options'].get('width')}), "
+        f"{rr['task']['options'].get('height')}x{rr['task']['options'].get('width')}, "
+        f"{res['full_size']['macs'] / 1e9:.2f} GMAC at {res['full_size']['height']}x{res['full_size']['width']}), "
         + (f"trained with `{Path(res['recipe']).name}` ({rr['dense']['steps']} steps, "
            f"{res['dense']['seconds'] / 60:.1f} min)" if d.get("source", "trained") == "trained"
            else f"loaded from `{d['source']}`")
@@ -199,6 +205,31 @@ def summarize(res: dict) -> str:
         lines += ["", f"StereoSGBM (block 5, 3-way, {16 * -(-int(rr['task']['options'].get('max_disp', 64)) // 16)} "
                   f"disparities, unmatched pixels filled from the left) matched {100 * s['middlebury']['density']:.1f} % "
                   f"of motorcycle's pixels and {100 * s['val']['density']:.1f} % of the validation scenes'."]  # fmt: skip
+    lines += ["", "**Targets** (issue 3) for every point at >= 95 % sparsity with 4-bit weights and <= 8-bit "
+              "activations: validation EPE within 5 % of dense, Middlebury EPE within 10 %, memory_ratio <= 0.02, "
+              "bops_ratio <= 0.001.", "",
+              "| model | sparsity | bits | val EPE <= +5 % | Middlebury EPE <= +10 % | memory <= 0.02 | BOPs <= 0.001 |",
+              "|---|---:|---|:---:|:---:|:---:|:---:|"]  # fmt: skip
+    ok = {True: "✓", False: "✗"}
+    for r in res["rows"]:
+        if r["sparsity"] >= 0.95 and r["weight_bits"] == 4 and r["act_bits"] <= 8:
+            lines.append(
+                f"| {r['method']} | {100 * r['achieved_sparsity']:.1f} % | w{r['weight_bits']}a{r['act_bits']} | "
+                f"{ok[r['val.epe'] <= 1.05 * dv['epe']]} | {ok[r['middlebury.epe'] <= 1.10 * dm['epe']]} | "
+                f"{ok[r['memory_ratio'] <= 0.02]} | {ok[r['bops_ratio'] <= 0.001]} |"
+            )
+    run_metrics = ROOT / "bench" / "results" / "stereo_run" / "metrics.json"
+    if run_metrics.is_file():
+        m = json.loads(run_metrics.read_text())
+        t, c = m["timing"], m["compressed"]
+        lines += ["", f"**`make stereo`** (`recipes/stereo.yaml` end to end, kept in "
+                  f"[`stereo_run/`](stereo_run/report.md)): {t['total_s'] / 60:.1f} min in all — dense training "
+                  f"{t['dense_s'] / 60:.1f} min, pruning {t['prune_s'] / 60:.1f} min, quantization-aware "
+                  f"fine-tuning {t['quant_s'] / 60:.1f} min. Val EPE {m['dense']['metric']:.3f} (dense) -> "
+                  f"{m['pruned']['metric']:.3f} (pruned) -> {c['metric']:.3f} (compressed, "
+                  f"{100 * c['sparsity']:.1f} %, w{c['weight_bits']}a{c['act_bits']}); Middlebury EPE "
+                  f"{m['dense']['middlebury']['epe']:.3f} -> {m['pruned']['middlebury']['epe']:.3f} -> "
+                  f"{c['middlebury']['epe']:.3f}; memory x{m['memory_ratio']:.4f}, BOPs x{m['bops_ratio']:.5f}."]
     lines += ["", f"![EPE vs BOPs]({Path(res['name']).name}_pareto.png)", "",
               f"Longest run: {res['wall_s'] / 60:.1f} min on {res['machine']['threads']} thread(s) "
               f"({res['machine']['platform']}, torch {res['machine']['torch']})."]  # fmt: skip
