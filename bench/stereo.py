@@ -291,6 +291,8 @@ def main() -> None:
         if args.dense:
             load_state(args.dense)  # a missing or corrupt file fails here, before any work
         res = run(args)
+    if args.quick and args.name == "stereo":
+        args.name = "stereo_quick"  # never over the committed results (and git-ignored)
     res["name"] = args.name
     (out / f"{args.name}.json").write_text(json.dumps(res, indent=2))
     plot(res, out / f"{args.name}_pareto.png")
