@@ -102,6 +102,8 @@ def run(args) -> dict:
             "task.options": {**recipe.task.options, "n_train": 16, "n_val": 4}, "dense.steps": 20,
             "prune.finetune.steps": 10, "quant.finetune.steps": 5, "quant.calib_batches": 2,
         })  # fmt: skip
+    # Evaluation during fine-tuning only draws the report's curves (no_grad, no random draws): off here.
+    recipe = recipe.with_(eval_every=0)
     torch.set_num_threads(args.threads)
     task = make_task(recipe)
     t0 = time.perf_counter()

@@ -52,9 +52,11 @@ def dense_model(recipe: Recipe, task: Task, *, quiet: bool = False) -> tuple[nn.
     return model, history, time.perf_counter() - t0
 
 
-def model_spec(recipe: Recipe) -> dict[str, Any]:
-    """The zoo entry recorded in ``model.json``."""
-    return {"task": recipe.task.name, "name": recipe.model.name, "kwargs": dict(recipe.model.kwargs)}
+def model_spec(recipe: Recipe, task: Task) -> dict[str, Any]:
+    """The zoo entry recorded in ``model.json``, with the task's defaults resolved (e.g. stereo's
+    ``max_disp``), so that :func:`prunq.load` rebuilds exactly the trained architecture."""
+    kwargs = task.model_kwargs(recipe.model.name, **recipe.model.kwargs)
+    return {"task": recipe.task.name, "name": recipe.model.name, "kwargs": kwargs}
 
 
 def write_run(directory: Path, recipe: Recipe, result: CompressResult, *, render: bool = True) -> None:
@@ -79,7 +81,7 @@ def compress_recipe(recipe: Recipe, *, quiet: bool = False) -> CompressResult:
     task = make_task(recipe)
     model, dense_hist, dense_s = dense_model(recipe, task, quiet=quiet)
     trained = None if recipe.model.checkpoint else {k: v.detach().clone() for k, v in model.state_dict().items()}
-    result = compress(model, task, recipe, quiet=quiet, model_spec=model_spec(recipe), inplace=True)
+    result = compress(model, task, recipe, quiet=quiet, model_spec=model_spec(recipe, task), inplace=True)
     if dense_hist:  # the dense metric is measured after training: plot it there
         result.metrics["history"][0]["step"] = recipe.dense.steps
     result.metrics["history"] = dense_hist + result.metrics["history"]

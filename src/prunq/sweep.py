@@ -67,7 +67,7 @@ def run_sweep(
             metrics = build_metrics(task, d_stage, d_cost, pruned, comp, cost, h, timing, p_cost)
             name = point_name(s, wb, ab)
             previews = {**d_previews, **stage_previews(task, model, "compressed")}
-            result = CompressResult(model, metrics, make_manifest(model, r, pairs, model_spec(r)), h, previews)
+            result = CompressResult(model, metrics, make_manifest(model, r, pairs, model_spec(r, task)), h, previews)
             write_run(out / "runs" / name, r, result, render=render)
             rows.append({
                 "sparsity": s, "weight_bits": wb, "act_bits": ab, "metric": comp.metric,

@@ -45,6 +45,11 @@ class Task(ABC):
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
         """Positional inputs for one forward at batch size 1 (used to count MACs)."""
 
+    def model_kwargs(self, name: str | None = None, **kwargs: Any) -> dict[str, Any]:
+        """The keyword arguments :meth:`build_model` gives the zoo, with the task's defaults filled in
+        (what a run records so that :func:`prunq.load` rebuilds the same model without the task)."""
+        return dict(kwargs)
+
     def previews(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Small model outputs worth showing in a report (e.g. a predicted depth map), keyed by name.
 

@@ -104,9 +104,11 @@ class ClassificationTask(Task):
                 f"model.name: unknown model {name!r} for task {self.name!r} "
                 f"(choose from {', '.join(self.model_names)})"
             )
-        kwargs.setdefault("in_channels", self.in_channels)
-        kwargs.setdefault("num_classes", self.num_classes)
-        return models.build(name, **kwargs)
+        return models.build(name, **self.model_kwargs(name, **kwargs))
+
+    def model_kwargs(self, name: str | None = None, **kwargs: Any) -> dict[str, Any]:
+        """``kwargs`` with the data's ``in_channels`` and ``num_classes`` as defaults."""
+        return {"in_channels": self.in_channels, "num_classes": self.num_classes, **kwargs}
 
     # ------------------------------------------------------------------ data
     def prepare(self, x: torch.Tensor, train: bool, generator: torch.Generator | None) -> torch.Tensor:

@@ -103,8 +103,11 @@ class StereoTask(Task):
             raise PrunqError(
                 f"model.name: unknown model {name!r} for task {self.name!r} (choose from {', '.join(self.model_names)})"
             )
-        kwargs.setdefault("max_disp", self.max_disp)
-        return models.build(name, **kwargs)
+        return models.build(name, **self.model_kwargs(name, **kwargs))
+
+    def model_kwargs(self, name: str | None = None, **kwargs: Any) -> dict[str, Any]:
+        """``kwargs`` with the task's ``max_disp`` as default."""
+        return {"max_disp": self.max_disp, **kwargs}
 
     # ------------------------------------------------------------------ data
     def train_batches(self, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
