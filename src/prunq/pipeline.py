@@ -105,15 +105,13 @@ def run_prune(model: nn.Module, task: Task, recipe: Recipe, *, history: list[dic
         model.train(was)
 
     def after_step(t: int) -> dict | None:
+        # Every cut is logged with its sparsity; the metric only every `eval_every` steps (evaluating at
+        # each cut cost the stereo recipe over a minute for 45 extra points on the curve).
         cut = pruner.step()
-        if cut is None:
-            if recipe.eval_every and (t + 1) % recipe.eval_every == 0:
-                return {"metric": evaluate_metric(task, model)[0], "sparsity": pruner.sparsity()}
-            return None
-        entry: dict[str, Any] = {"sparsity": cut}
-        if recipe.eval_every:
-            entry["metric"] = evaluate_metric(task, model)[0]
-        return entry
+        entry: dict[str, Any] = {} if cut is None else {"sparsity": cut}
+        if recipe.eval_every and (t + 1) % recipe.eval_every == 0:
+            entry.update(metric=evaluate_metric(task, model)[0], sparsity=pruner.sparsity())
+        return entry or None
 
     fit(
         model, task, spec.finetune, batch_size=bs, seed=recipe.seed + 1, stage="prune",
