@@ -197,3 +197,37 @@ def test_channels_last_models_prune_and_train():
     net(torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)).sum().backward()
     p.accumulate()
     assert p.prune(0.9) == pytest.approx(0.9, abs=0.01)
+
+
+def _two_convs():
+    """Each weight of the first conv takes part in 64 MACs per 8x8 input, of the second in 16."""
+    net = nn.Sequential(nn.Conv2d(1, 4, 1, bias=False), nn.Conv2d(4, 4, 1, stride=2, bias=False))
+    with torch.no_grad():
+        for m in net:
+            m.weight.fill_(1.0)  # equal magnitudes: only the cost can separate the layers
+    return net
+
+
+def test_cost_exponent_prunes_the_weights_used_most_first():
+    from prunq.cost import count_macs
+
+    net = _two_convs()
+    macs = count_macs(net, (torch.zeros(1, 1, 8, 8),))
+    assert macs == {"0": 4 * 64, "1": 16 * 16}
+    cfg = PruneConfig(criterion="magnitude", mode="hard", min_density=0, min_per_channel=0, cost_exponent=1.0)
+    p = Pruner(net, cfg, macs=macs)
+    # mean MACs per weight = (256 + 256) / 20 = 25.6: scores x 0.4 in the first conv, x 1.6 in the second
+    assert p._cost_scale == pytest.approx({"0": 25.6 / 64, "1": 25.6 / 16})
+    p.prune(0.2)  # 4 of 20 weights go: all four of the first conv, whose weights cost 4x more each
+    assert (_kept(net[0]), _kept(net[1])) == (0, 16)
+
+    plain = _two_convs()
+    Pruner(plain, PruneConfig(criterion="magnitude", mode="hard", min_density=0, min_per_channel=0)).prune(0.2)
+    assert _kept(plain[0]) + _kept(plain[1]) == 16 and _kept(plain[0]) > 0  # ties: no preference for cost
+
+
+def test_cost_exponent_needs_macs():
+    with pytest.raises(PrunqError, match="prune.cost_exponent: needs the MACs"):
+        Pruner(_two_convs(), PruneConfig(cost_exponent=0.5))
+    with pytest.raises(PrunqError, match="prune.cost_exponent"):
+        PruneConfig(cost_exponent=-1.0)

@@ -70,7 +70,8 @@ def prune_config(spec: PruneSpec, seed: int) -> PruneConfig:
         allocation=spec.allocation, mode=spec.mode, schedule=spec.schedule, begin=spec.begin, end=spec.end,
         iterations=spec.iterations, frequency=spec.frequency, initial_sparsity=spec.initial_sparsity,
         min_density=spec.min_density, min_per_channel=spec.min_per_channel, exclude=tuple(spec.exclude),
-        overrides=dict(spec.overrides), ema=spec.ema, regrow=spec.regrow, seed=seed,
+        overrides=dict(spec.overrides), ema=spec.ema, regrow=spec.regrow, cost_exponent=spec.cost_exponent,
+        seed=seed,
     )  # fmt: skip
 
 
@@ -91,7 +92,8 @@ def run_prune(model: nn.Module, task: Task, recipe: Recipe, *, history: list[dic
     t0 = time.perf_counter()
     spec = recipe.prune
     steps = spec.finetune.steps
-    pruner = Pruner(model, prune_config(spec, recipe.seed), total_steps=steps)
+    macs = C.count_macs(model, task.example_inputs()) if spec.cost_exponent > 0 else None
+    pruner = Pruner(model, prune_config(spec, recipe.seed), total_steps=steps, macs=macs)
     bs = recipe.task.batch_size
     if pruner.criterion.needs_grad and spec.score_batches > 0:
         # Scores for the first cut come from a dedicated pass over training batches (no update).

@@ -39,6 +39,12 @@ class PruneConfig:
     ``overrides`` pins layers (fnmatch pattern -> sparsity); ``exclude`` leaves layers dense and out of
     the sparsity count. ``min_density`` and ``min_per_channel`` are the per-tensor floor that stops a
     layer from collapsing.
+
+    ``cost_exponent`` (alpha, global allocation) makes the ranking hardware-aware: a layer's scores are
+    multiplied by ``(c_mean / c_layer) ** alpha``, with ``c`` the multiply-accumulates each of its weights
+    takes part in (``MAC / N``, e.g. the output positions of a conv) and ``c_mean`` its average over all
+    prunable weights. 0 ranks by score alone; 1 ranks by score per MAC saved, so the same sparsity buys
+    fewer bit-operations. It needs the layers' MACs (``Pruner(..., macs=count_macs(...))``).
     """
 
     sparsity: float = 0.9
@@ -58,6 +64,7 @@ class PruneConfig:
     overrides: dict[str, float] = field(default_factory=dict)
     ema: float | None = None
     regrow: float | None = 0.05
+    cost_exponent: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -75,6 +82,8 @@ class PruneConfig:
             raise PrunqError("prune.min_per_channel: must be >= 0")
         if self.regrow is not None and not 0.0 <= self.regrow <= 1.0:
             raise PrunqError(f"prune.regrow: {self.regrow} is outside [0, 1]")
+        if not 0.0 <= self.cost_exponent <= 2.0:
+            raise PrunqError(f"prune.cost_exponent: {self.cost_exponent} is outside [0, 2]")
         for pat, s in self.overrides.items():
             if not 0.0 <= float(s) < 1.0:
                 raise PrunqError(f"prune.overrides[{pat!r}]: sparsity {s} is outside [0, 1)")
@@ -105,7 +114,9 @@ class Pruner:
     ``begin``/``end`` fractions refer to it). ``Pruner.prune(s)`` cuts at once, outside any schedule.
     """
 
-    def __init__(self, model: nn.Module, config: PruneConfig, total_steps: int = 0) -> None:
+    def __init__(
+        self, model: nn.Module, config: PruneConfig, total_steps: int = 0, macs: dict[str, int] | None = None
+    ) -> None:
         self.model = model
         self.config = config
         self.gran = config.gran
@@ -121,6 +132,7 @@ class Pruner:
             raise PrunqError(
                 "model: no prunable layer (Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear) left after prune.exclude"
             )
+        self._cost_scale = self._cost_scales(macs) if config.cost_exponent > 0 else {}
         soft = config.mode == "soft"
         for layer in self.layers:
             M.attach_mask(layer.module, soft=soft)
@@ -137,6 +149,23 @@ class Pruner:
         self.t = 0
         self.frozen = False
         self._pin_scale = 1.0
+
+    def _cost_scales(self, macs: dict[str, int] | None) -> dict[str, float]:
+        """Per-layer score multipliers ``(c_mean / c_layer) ** alpha`` (see :class:`PruneConfig`)."""
+        missing = [layer.name for layer in self.layers if not macs or layer.name not in macs]
+        if missing:
+            raise PrunqError(
+                f"prune.cost_exponent: needs the MACs of every prunable layer (missing: {', '.join(missing[:3])}); "
+                "pass macs=prunq.cost.count_macs(model, example_inputs)"
+            )
+        assert macs is not None
+        per_weight = {layer.name: macs[layer.name] / layer.numel for layer in self.layers}
+        total_macs = sum(macs[layer.name] for layer in self.layers)
+        if total_macs == 0:
+            return {}
+        mean = total_macs / sum(layer.numel for layer in self.layers)
+        alpha = self.config.cost_exponent
+        return {name: (mean / max(c, 1e-12)) ** alpha for name, c in per_weight.items()}
 
     # -- training-loop hooks ---------------------------------------------------------------------
     @torch.no_grad()
@@ -205,6 +234,8 @@ class Pruner:
         w = to_canonical(M.original(layer.module), layer.module).detach()
         # contiguous: a channels_last weight would give channels_last scores, which cannot be viewed flat
         s = self.criterion.scores(layer.name, w, self.gran).float().contiguous().clone()
+        if self.config.allocation == "global" and layer.name in self._cost_scale:
+            s.mul_(self._cost_scale[layer.name])  # hardware-aware ranking (cost_exponent > 0)
         gmask = self._group_mask(layer)
         if self.config.mode == "hard" or self.frozen:
             # hard mode: a pruned group never returns, so it cannot compete for the budget

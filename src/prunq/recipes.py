@@ -82,6 +82,7 @@ class PruneSpec(_Strict):
     overrides: dict[str, float] = Field(default_factory=dict)
     ema: float | None = Field(None, gt=0, lt=1)
     regrow: float | None = Field(0.05, ge=0, le=1)
+    cost_exponent: float = Field(0.0, ge=0, le=2)
     score_batches: int = Field(8, ge=0)
     finetune: TrainSpec = TrainSpec()
 
