@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from prunq import cost as C
@@ -97,6 +98,9 @@ def sgbm_reference(task, max_disp: int) -> dict:
 # ---------------------------------------------------------------------------------------------- grid
 def run(args) -> dict:
     recipe = load_recipe(args.recipe)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        recipe = recipe.with_(**{key.strip(): yaml.safe_load(value)})
     if args.quick:
         recipe = recipe.with_(**{
             "task.options": {**recipe.task.options, "n_train": 16, "n_val": 4}, "dense.steps": 20,
@@ -199,7 +203,7 @@ def summarize(res: dict) -> str:
         lines.append(
             f"| {r['method']} | {100 * r['achieved_sparsity']:.1f} % | w{r['weight_bits']}a{r['act_bits']} | "
             f"{r['val.epe']:.3f} | {100 * r['val.d1']:.1f} % | {r['middlebury.epe']:.3f} | "
-            f"{100 * r['middlebury.d1']:.1f} % | {r['memory_ratio']:.4f} | {r['bops_ratio']:.5f} | "
+            f"{100 * r['middlebury.d1']:.1f} % | {r['memory_ratio']:.5f} | {r['bops_ratio']:.5f} | "
             f"{_rel(r['val.epe'], dv['epe'])} | {_rel(r['middlebury.epe'], dm['epe'])} |"
         )
     if res.get("sgbm"):
@@ -231,7 +235,7 @@ def summarize(res: dict) -> str:
                   f"{m['pruned']['metric']:.3f} (pruned) -> {c['metric']:.3f} (compressed, "
                   f"{100 * c['sparsity']:.1f} %, w{c['weight_bits']}a{c['act_bits']}); Middlebury EPE "
                   f"{m['dense']['middlebury']['epe']:.3f} -> {m['pruned']['middlebury']['epe']:.3f} -> "
-                  f"{c['middlebury']['epe']:.3f}; memory x{m['memory_ratio']:.4f}, BOPs x{m['bops_ratio']:.5f}."]
+                  f"{c['middlebury']['epe']:.3f}; memory x{m['memory_ratio']:.5f}, BOPs x{m['bops_ratio']:.5f}."]
     lines += ["", f"![EPE vs BOPs]({Path(res['name']).name}_pareto.png)", "",
               f"Longest run: {res['wall_s'] / 60:.1f} min on {res['machine']['threads']} thread(s) "
               f"({res['machine']['platform']}, torch {res['machine']['torch']})."]  # fmt: skip
@@ -278,6 +282,8 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--dense", type=Path, help="start from this dense checkpoint (safetensors) instead of training")
     p.add_argument("--save-dense", type=Path, help="write the dense model here (to reuse with --dense)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field for every point, e.g. --set prune.cost_exponent=0.5")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--name", default="stereo", help="output name under bench/results/")
     p.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run, not results")
