@@ -30,9 +30,9 @@ def save_model(directory: Path, model: nn.Module, manifest: dict[str, Any]) -> N
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
 
 
-def save_previews(directory: Path, previews: dict[str, torch.Tensor]) -> None:
-    """Write the task's previews (``"<stage>.<name>"`` -> tensor) as ``previews.safetensors``."""
-    save_file({k: v.detach().contiguous().cpu() for k, v in previews.items()}, str(directory / PREVIEWS_FILE))
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write named tensors as safetensors (detached, contiguous, on the CPU): previews, dense weights."""
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
 
 
 def load_state(path: str | Path) -> dict[str, torch.Tensor]:

@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from prunq.errors import PrunqError
-from prunq.io import DENSE_FILE, load_state, save_model, save_previews
+from prunq.io import DENSE_FILE, PREVIEWS_FILE, load_state, save_model, save_tensors
 from prunq.pipeline import CompressResult, compress, train_dense
 from prunq.recipes import Recipe, dump_recipe
 from prunq.tasks import get_task
@@ -67,9 +66,9 @@ def write_run(directory: Path, recipe: Recipe, result: CompressResult, *, render
     (directory / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
     save_model(directory, result.model, result.manifest)
     if result.previews:
-        save_previews(directory, result.previews)
+        save_tensors(directory / PREVIEWS_FILE, result.previews)
     if result.dense_state is not None:  # reusable as `model.checkpoint` for another compression run
-        save_file(result.dense_state, str(directory / DENSE_FILE))
+        save_tensors(directory / DENSE_FILE, result.dense_state)
     if render:
         from prunq.report import render_report
 
