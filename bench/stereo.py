@@ -79,7 +79,7 @@ def sgbm_disparity(left: torch.Tensor, right: torch.Tensor, max_disp: int, block
 def sgbm_reference(task, max_disp: int) -> dict:
     """SGBM's metrics on the validation split and on motorcycle, with its match density and run time."""
     out: dict = {}
-    meter, dens, t0 = StereoMeter(), [], time.perf_counter()
+    meter, dens = StereoMeter(), []
     for left, right, disp in task.val_batches():
         for i in range(len(left)):
             pred, d = sgbm_disparity(left[i], right[i], max_disp)

@@ -257,7 +257,7 @@ def compress(
     final_cost = stage_cost(model, task, dense_cost)
     timing = {"prune_s": pruned.seconds, "quant_s": compressed.seconds, "total_s": time.perf_counter() - t_start}
     metrics = build_metrics(task, dense, dense_cost, pruned, compressed, final_cost, history, timing, pruned_cost)
-    manifest = make_manifest(model, recipe, pairs, model_spec)
+    manifest = make_manifest(model, recipe, pairs, model_spec or zoo_spec(recipe, task))
     previews.update(stage_previews(task, model, "compressed"))
     return CompressResult(model, metrics, manifest, history, previews)
 
@@ -265,6 +265,13 @@ def compress(
 def stage_previews(task: Task, model: nn.Module, stage: str) -> dict[str, Any]:
     """The task's previews of ``model``, keyed ``"<stage>.<name>"`` (what ``previews.safetensors`` holds)."""
     return {f"{stage}.{k}": v for k, v in task.previews(model).items()}
+
+
+def zoo_spec(recipe: Recipe, task: Task) -> dict[str, Any]:
+    """The zoo entry recorded in ``model.json``, with the task's defaults resolved (e.g. stereo's
+    ``max_disp``), so that :func:`prunq.load` rebuilds exactly the trained architecture."""
+    kwargs = task.model_kwargs(recipe.model.name, **recipe.model.kwargs)
+    return {"task": recipe.task.name, "name": recipe.model.name, "kwargs": kwargs}
 
 
 def make_manifest(
@@ -291,5 +298,5 @@ def train_dense(model: nn.Module, task: Task, recipe: Recipe, *, quiet: bool = F
 
 __all__ = [
     "compress", "run_prune", "run_quant", "train_dense", "evaluate_metric", "stage_cost", "build_metrics",
-    "stage_previews", "CompressResult", "StageResult", "as_recipe",
+    "stage_previews", "zoo_spec", "CompressResult", "StageResult", "as_recipe",
 ]  # fmt: skip

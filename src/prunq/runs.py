@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from prunq.errors import PrunqError
 from prunq.io import DENSE_FILE, PREVIEWS_FILE, load_state, save_model, save_tensors
-from prunq.pipeline import CompressResult, compress, train_dense
+from prunq.pipeline import CompressResult, compress, train_dense, zoo_spec
 from prunq.recipes import Recipe, dump_recipe
 from prunq.tasks import get_task
 from prunq.tasks.base import Task
@@ -51,13 +50,6 @@ def dense_model(recipe: Recipe, task: Task, *, quiet: bool = False) -> tuple[nn.
     return model, history, time.perf_counter() - t0
 
 
-def model_spec(recipe: Recipe, task: Task) -> dict[str, Any]:
-    """The zoo entry recorded in ``model.json``, with the task's defaults resolved (e.g. stereo's
-    ``max_disp``), so that :func:`prunq.load` rebuilds exactly the trained architecture."""
-    kwargs = task.model_kwargs(recipe.model.name, **recipe.model.kwargs)
-    return {"task": recipe.task.name, "name": recipe.model.name, "kwargs": kwargs}
-
-
 def write_run(directory: Path, recipe: Recipe, result: CompressResult, *, render: bool = True) -> None:
     """Write recipe.yaml, metrics.json, model.safetensors + model.json, previews.safetensors (when the task
     has pictures to show), dense.safetensors (when the run trained its dense model) and the report."""
@@ -80,7 +72,7 @@ def compress_recipe(recipe: Recipe, *, quiet: bool = False) -> CompressResult:
     task = make_task(recipe)
     model, dense_hist, dense_s = dense_model(recipe, task, quiet=quiet)
     trained = None if recipe.model.checkpoint else {k: v.detach().clone() for k, v in model.state_dict().items()}
-    result = compress(model, task, recipe, quiet=quiet, model_spec=model_spec(recipe, task), inplace=True)
+    result = compress(model, task, recipe, quiet=quiet, model_spec=zoo_spec(recipe, task), inplace=True)
     if dense_hist:  # the dense metric is measured after training: plot it there
         result.metrics["history"][0]["step"] = recipe.dense.steps
     result.metrics["history"] = dense_hist + result.metrics["history"]

@@ -17,11 +17,11 @@ from tqdm.auto import tqdm
 from prunq import cost as C
 from prunq.pipeline import (
     CompressResult, StageResult, build_metrics, evaluate_metric, make_manifest, run_prune, run_quant, stage_cost,
-    stage_previews,
+    stage_previews, zoo_spec,
 )  # fmt: skip
 from prunq.recipes import Recipe
 from prunq.report import flatten
-from prunq.runs import dense_model, make_task, model_spec, write_run
+from prunq.runs import dense_model, make_task, write_run
 
 
 def point_name(sparsity: float, wb: int, ab: int) -> str:
@@ -67,7 +67,7 @@ def run_sweep(
             metrics = build_metrics(task, d_stage, d_cost, pruned, comp, cost, h, timing, p_cost)
             name = point_name(s, wb, ab)
             previews = {**d_previews, **stage_previews(task, model, "compressed")}
-            result = CompressResult(model, metrics, make_manifest(model, r, pairs, model_spec(r, task)), h, previews)
+            result = CompressResult(model, metrics, make_manifest(model, r, pairs, zoo_spec(r, task)), h, previews)
             write_run(out / "runs" / name, r, result, render=render)
             rows.append({
                 "sparsity": s, "weight_bits": wb, "act_bits": ab, "metric": comp.metric,
