@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench bench-stereo stereo clean
+.PHONY: demo test install bench bench-stereo bench-peers stereo clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -42,6 +42,17 @@ bench-stereo: $(STAMP)
 	$(BIN)/python bench/stereo.py --dense runs/stereo/dense.safetensors --methods magnitude-hard --threads 1 \
 	  --name stereo_magnitude-hard --quiet; b=$$?; wait $$pid && test $$b -eq 0
 	$(BIN)/python bench/stereo.py --combine stereo_taylor-soft stereo_magnitude-hard --name stereo
+
+# prunq beside torch.nn.utils.prune + QAT, NNCF, Torch-Pruning and Brevitas on both tasks (bench/peers.py), from
+# the committed dense StereoNet (the one `make stereo` trained for bench/results/stereo_run). Two one-thread
+# processes: the stereo grid (+ Torch-Pruning, which needs its BOPs) | the other stereo peers, then digits.
+STEREO_DENSE := bench/assets/stereo_dense.safetensors
+bench-peers: $(STAMP)
+	$(BIN)/pip install -q -e '.[peers]'
+	$(BIN)/python bench/peers.py --task stereo --part prunq --dense $(STEREO_DENSE) --threads 1 --quiet & pid=$$!; \
+	{ $(BIN)/python bench/peers.py --task stereo --part peers --dense $(STEREO_DENSE) --threads 1 --quiet && \
+	  $(BIN)/python bench/peers.py --task digits --threads 1 --quiet; }; b=$$?; wait $$pid && test $$b -eq 0
+	$(BIN)/python bench/peers.py --combine peers_stereo_prunq peers_stereo_peers --readme digits stereo
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

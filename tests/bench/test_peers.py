@@ -147,7 +147,7 @@ def test_joint_study_by_hand():
 def test_readme_section_is_replaced_in_place(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n\nbefore\n{peers.README_BEGIN}\nold\n{peers.README_END}\nafter\n")
-    res = {"task": "digits", "metric_name": "top1", "higher_is_better": True, "config": {"sparsity": [0.9], "bits": [4, 8]},
+    res = {"task": "digits", "metric_name": "top1", "higher_is_better": True, "config": {"sparsity": [0.9], "bits": [4, 8], "budgets": [1 / 64]},
            "dense": {"metric": 1.0}, "rows": [_row("prunq", 0.9, 4, 8, 0.95, 0.01) | {"achieved_sparsity": 0.9, "memory_ratio": 0.03},
                                              _row("NNCF", 0.9, 8, 8, 0.9, 0.02) | {"achieved_sparsity": 0.9, "memory_ratio": 0.05}],
            "evidence": []}  # fmt: skip
