@@ -155,7 +155,7 @@ def test_readme_section_is_replaced_in_place(tmp_path):
     peers.write_readme([res], readme)
     text = readme.read_text()
     assert text.startswith("# title\n\nbefore\n") and text.endswith("after\n") and "old" not in text
-    assert "| NNCF | 0.9 | 90.0 % | w8a8 | 90.0 % |" in text and "✓ s0.9 w4a8: 95.0 %" in text
+    assert "| NNCF | 0.9 | 90.0 % | w8a8 | 90.0 % |" in text and "✓ s0.9 w4a8: 95.0 % | 8-bit only" in text
     assert "prunq dominates 1 of 1 peer points" in text
     bad = tmp_path / "NO.md"
     bad.write_text("no markers")
