@@ -45,13 +45,16 @@ bench-stereo: $(STAMP)
 
 # prunq beside torch.nn.utils.prune + QAT, NNCF, Torch-Pruning and Brevitas on both tasks (bench/peers.py), from
 # the committed dense StereoNet (the one `make stereo` trained for bench/results/stereo_run). Two one-thread
-# processes: the stereo grid (+ Torch-Pruning, which needs its BOPs) | the other stereo peers, then digits.
+# processes: the stereo grid (+ Torch-Pruning, which needs its BOPs), then digits seed 2 | the other stereo
+# peers, then digits seeds 0 and 1; then the joins, the analysis and the README section (about 40 min).
 STEREO_DENSE := bench/assets/stereo_dense.safetensors
+PEERS := $(BIN)/python bench/peers.py --threads 1 --quiet
 bench-peers: $(STAMP)
 	$(BIN)/pip install -q -e '.[peers]'
-	$(BIN)/python bench/peers.py --task stereo --part prunq --dense $(STEREO_DENSE) --threads 1 --quiet & pid=$$!; \
-	{ $(BIN)/python bench/peers.py --task stereo --part peers --dense $(STEREO_DENSE) --threads 1 --quiet && \
-	  $(BIN)/python bench/peers.py --task digits --threads 1 --quiet; }; b=$$?; wait $$pid && test $$b -eq 0
+	{ $(PEERS) --task stereo --part prunq --dense $(STEREO_DENSE) && $(PEERS) --task digits --seed 2; } & pid=$$!; \
+	{ $(PEERS) --task stereo --part peers --dense $(STEREO_DENSE) && $(PEERS) --task digits --seed 0 && \
+	  $(PEERS) --task digits --seed 1; }; b=$$?; wait $$pid && test $$b -eq 0
+	$(BIN)/python bench/peers.py --combine peers_digits_seed0 peers_digits_seed1 peers_digits_seed2
 	$(BIN)/python bench/peers.py --combine peers_stereo_prunq peers_stereo_peers --readme digits stereo
 
 clean:

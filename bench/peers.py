@@ -60,7 +60,7 @@ TASKS: dict[str, dict[str, Any]] = {
         "recipe": "recipes/digits.yaml", "set": {},
         # Digits is easy up to 95 % (bench/results/digits.md): the comparison starts where methods differ.
         "sparsity": [0.98, 0.99, 0.995], "bits": (4, 8),
-        "grid_sparsity": [0.0, 0.9, 0.95, 0.98, 0.99, 0.995],
+        "grid_sparsity": [0.0, 0.95, 0.98, 0.99, 0.995],
         "grid_bits": [(8, 8), (4, 8), (4, 4), (2, 4), (2, 2)],
         "budgets": [1 / 256, 1 / 1024, 1 / 4096],  # BOPs x dense fp32; 1/256 = dense w2a2
         "tp_ignore": ["classifier.fc2"],  # the 10 class outputs
@@ -264,6 +264,8 @@ def run(args) -> dict:
     if args.dense:
         recipe = recipe.with_(**{"model.checkpoint": str(args.dense)})
     dense, hist, dense_s = dense_model(recipe, task, quiet=args.quiet)
+    base_recipe = recipe
+    recipe = recipe.with_(seed=recipe.seed + (args.seed or 0))  # fine-tuning seed; the dense model is the same
     d_metric, d_extra = evaluate(task, dense)
     d_cost = C.measure(dense, task.example_inputs())
     print(f"dense: metric {d_metric:.4f} ({dense_s:.0f} s)", flush=True)
@@ -275,9 +277,11 @@ def run(args) -> dict:
     if args.part in ("peers", "all"):
         peer_facts(evidence, dense, task)
         rows += run_peers(cfg, recipe, task, dense, d_cost, evidence)
+    for r in rows:
+        r["seed"] = args.seed or 0
     return {
         "task": args.task, "metric_name": task.metric_name, "higher_is_better": task.higher_is_better,
-        "commands": [sys.argv[1:]], "recipe_resolved": recipe.model_dump(mode="json"),
+        "commands": [sys.argv[1:]], "recipe_resolved": base_recipe.model_dump(mode="json"), "seeds": [args.seed or 0],
         "config": {k: v for k, v in cfg.items()},
         "machine": {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
                     "threads": torch.get_num_threads()},
@@ -355,13 +359,54 @@ def combine(parts: list[dict]) -> dict:
     for p in parts[1:]:
         if p["dense"]["metric"] != first["dense"]["metric"] or p["recipe_resolved"] != first["recipe_resolved"]:
             raise SystemExit("--combine: the parts come from different dense models or recipes")
-    return {**first, "rows": [r for p in parts for r in p["rows"]], "evidence": [e for p in parts for e in p["evidence"]],
-            "commands": [c for p in parts for c in p["commands"]], "wall_s": {k: v for p in parts for k, v in p["wall_s"].items()}}  # fmt: skip
+    evidence = []
+    for e in (e for p in parts for e in p["evidence"]):
+        if e not in evidence:  # the same API fact from every seed's process
+            evidence.append(e)
+    wall: dict[str, float] = {}
+    for p in parts:
+        for k, v in p["wall_s"].items():
+            seed = p.get("seeds", [0])[0]
+            if len({q.get("seeds", [0])[0] for q in parts}) > 1:
+                k = f"seed {seed}" if k == "all" else f"{k}, seed {seed}"
+            wall[k] = v
+    return {**first, "rows": [r for p in parts for r in p["rows"]], "evidence": evidence,
+            "seeds": sorted({s for p in parts for s in p.get("seeds", [0])}),
+            "commands": [c for p in parts for c in p["commands"]], "wall_s": wall}  # fmt: skip
+
+
+_MEAN_KEYS = ("metric", "achieved_sparsity", "bops_ratio", "memory_ratio", "bops", "memory_bits", "pruned_metric")
+
+
+def mean_over_seeds(rows: list[dict]) -> list[dict]:
+    """One row per (tool, sparsity, bits): the first seed's row with the headline numbers replaced by their
+    means over seeds, the per-seed metrics in ``metric_seeds`` and their count in ``n_seeds``."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["tool"], r["sparsity"], r["weight_bits"], r["act_bits"]), []).append(r)
+    out = []
+    for g in groups.values():
+        row = dict(g[0])
+        for k in _MEAN_KEYS + tuple(k for k in g[0] if k.startswith(("middlebury.", "val."))):
+            vals = [r[k] for r in g if isinstance(r.get(k), (int, float))]
+            if len(vals) == len(g):
+                row[k] = sum(vals) / len(vals)
+        row["metric_seeds"] = [r["metric"] for r in g]
+        row["n_seeds"] = len(g)
+        row.pop("seed", None)
+        out.append(row)
+    return out
 
 
 def analyse(res: dict) -> dict:
     hi = res["higher_is_better"]
+    if len(res.get("seeds", [0])) > 1:
+        res["rows_per_seed"] = res["rows"]
+        res["rows"] = mean_over_seeds(res["rows"])
     res["dominance"] = dominance(res["rows"], hi)
+    if any("middlebury.epe" in r for r in res["rows"]):  # stereo: the real pair, as a second verdict
+        real = [{**r, "metric": r["middlebury.epe"]} for r in res["rows"] if "middlebury.epe" in r]
+        res["dominance_middlebury"] = dominance(real, False)
     res["joint"] = joint_study(res["rows"], hi, res["config"]["budgets"])
     return res
 
@@ -377,28 +422,77 @@ def _metric_title(res: dict) -> str:
     return "top-1" if res["metric_name"] == "top1" else "val EPE (px)"
 
 
-def tool_table(res: dict, compact: bool = False) -> list[str]:
-    stereo = res["task"] == "stereo"
-    head = f"| tool | target | sparsity | bits | {_metric_title(res)} |" + (" Middlebury EPE |" if stereo else "") \
-        + " memory x fp32 | BOPs x fp32 | prunq at <= its BOPs | the tool itself |"
+def _verdict(res: dict, x: dict | None, fmt=None) -> str:
+    fmt = fmt or (lambda v: fmt_metric(res, v))
+    if x is None:
+        return ""
+    if x["prunq_point"] is None:
+        return "✗ no prunq point that cheap"
+    return f"{'✓' if x['dominated'] else '✗'} {x['prunq_point']}: {fmt(x['prunq_metric'])}"
+
+
+def _with_seeds(res: dict, r: dict) -> str:
+    """The metric, with the range over seeds when there are several."""
+    text = fmt_metric(res, r["metric"])
+    if r.get("n_seeds", 1) > 1:
+        text += f" ({fmt_metric(res, min(r['metric_seeds']))}–{fmt_metric(res, max(r['metric_seeds']))})"
+    return text
+
+
+def tool_table(res: dict) -> list[str]:
+    """prunq at the peers' settings and every peer point, with the dominance verdicts."""
+    stereo = "dominance_middlebury" in res
+    head = (f"| tool | target | sparsity | bits | {_metric_title(res)} | prunq at <= its BOPs |"
+            + (" Middlebury EPE | prunq at <= its BOPs (Middlebury) |" if stereo else "")
+            + " memory x fp32 | BOPs x fp32 | the tool itself |")  # fmt: skip
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     d = res["dense"]
-    lines.append(f"| dense fp32 | — | 0 % | w32a32 | {fmt_metric(res, d['metric'])} |"
-                 + (f" {d.get('middlebury.epe', float('nan')):.3f} |" if stereo else "") + " 1 | 1 | | |")
-    dom = {(x["tool"], x["sparsity"], x["bits"]): x for x in res["dominance"]}
+    lines.append(f"| dense fp32 | — | 0 % | w32a32 | {fmt_metric(res, d['metric'])} | |"
+                 + (f" {d['middlebury.epe']:.3f} | |" if stereo else "") + " 1 | 1 | |")  # fmt: skip
+    key = lambda x: (x["tool"], x["sparsity"], x["bits"])  # noqa: E731
+    dom = {key(x): x for x in res["dominance"]}
+    dom_m = {key(x): x for x in res.get("dominance_middlebury", [])}
     for r in res["rows"]:
-        if r["tool"] == "prunq" and (compact or r["sparsity"] not in res["config"]["sparsity"]
+        if r["tool"] == "prunq" and (r["sparsity"] not in res["config"]["sparsity"]
                                      or (r["weight_bits"], r["act_bits"]) != tuple(res["config"]["bits"])):
             continue
         bits = f"w{r['weight_bits']}a{r['act_bits']}"
-        x = dom.get((r["tool"], r["sparsity"], bits))
-        verdict = "" if x is None else ("no prunq point that cheap" if x["prunq_point"] is None else
-                                        f"{'✓' if x['dominated'] else '✗'} {x['prunq_point']}: {fmt_metric(res, x['prunq_metric'])}")
+        k = (r["tool"], r["sparsity"], bits)
         target = f"prunq s{r['sparsity']:g}'s BOPs" if r["tool"].startswith("Torch-Pruning") else f"{r['sparsity']:g}"
-        lines.append(f"| {r['tool']} | {target} | {100 * r['achieved_sparsity']:.1f} % | {bits} | "
-                     f"{fmt_metric(res, r['metric'])} |" + (f" {r.get('middlebury.epe', float('nan')):.3f} |" if stereo else "")
-                     + f" {r['memory_ratio']:.5f} | {r['bops_ratio']:.6f} | {verdict} | {NOTES.get(r['tool'], '')} |")  # fmt: skip
+        lines.append(
+            f"| {r['tool']} | {target} | {100 * r['achieved_sparsity']:.1f} % | {bits} | {_with_seeds(res, r)} | "
+            f"{_verdict(res, dom.get(k))} |"
+            + (f" {r['middlebury.epe']:.3f} | {_verdict(res, dom_m.get(k), lambda v: f'{v:.3f}')} |" if stereo else "")
+            + f" {r['memory_ratio']:.5f} | {r['bops_ratio']:.6f} | {NOTES.get(r['tool'], '')} |"
+        )  # fmt: skip
     return lines
+
+
+def dominance_summary(res: dict) -> list[str]:
+    """How many peer points prunq dominates, and where it does not, by how much."""
+    out = []
+    verdicts = [("", res["dominance"], lambda v: fmt_metric(res, v))]
+    if "dominance_middlebury" in res:
+        verdicts = [(" on validation EPE", res["dominance"], lambda v: f"{v:.3f} px"),
+                    (" on Middlebury EPE", res["dominance_middlebury"], lambda v: f"{v:.3f} px")]
+    for what, dom, fmt in verdicts:
+        misses = [x for x in dom if not x["dominated"]]
+        line = f"prunq Pareto-dominates **{len(dom) - len(misses)} of {len(dom)}** peer points{what}"
+        if misses:
+            parts = []
+            for x in misses:
+                if x["prunq_point"] is None:
+                    parts.append(f"{x['tool']} s={x['sparsity']:g} {x['bits']} (BOPs {x['bops_ratio']:.6f}: prunq has no "
+                                 "point that cheap)")  # fmt: skip
+                else:
+                    gap = -x["gap"] * (100 if res["metric_name"] == "top1" else 1)
+                    unit = " pt" if res["metric_name"] == "top1" else " px"
+                    parts.append(f"{x['tool']} s={x['sparsity']:g} {x['bits']} ({fmt(x['metric'])} vs prunq's "
+                                 f"{x['prunq_point']} {fmt(x['prunq_metric'])}: {gap:.{1 if unit == ' pt' else 3}f}{unit} "
+                                 "better at no more BOPs)")  # fmt: skip
+            line += "; not: " + "; ".join(parts)
+        out.append(line + ".")
+    return out
 
 
 def joint_table(res: dict) -> list[str]:
@@ -418,24 +512,36 @@ def joint_table(res: dict) -> list[str]:
 
 
 def evidence_lines(res: dict) -> list[str]:
+    """The peers' limits: API facts and failures as recorded, then what was measured after each tool's steps."""
     out = [f"- **{e['tool']}** — {e['what']}: `{e['evidence']}`" for e in res["evidence"] if e["what"] != "version"]
-    for r in res["rows"]:
-        if r["tool"] == "NNCF" and "sparsity_after_prune" in r:
-            out.append(f"- **NNCF** s={r['sparsity']:g}: sparsity {100 * r['sparsity_after_prune']:.2f} % after "
-                       f"nncf.prune, {100 * r['sparsity_after_quantize']:.2f} % after nncf.quantize, "
-                       f"{100 * r['achieved_sparsity']:.2f} % after its QAT; quantizer bits: weights "
-                       f"{r['nncf_weight_bits']}, activations {r['nncf_act_bits']}")  # fmt: skip
-        if r["tool"] == "Brevitas":
-            out.append(f"- **Brevitas** s={r['sparsity']:g}: sparsity {100 * r['achieved_sparsity']:.2f} % after its "
-                       "QAT, measured on `quant_weight()` (the pruning masks re-attached to its layers)")  # fmt: skip
-        if r["tool"] == "torch.nn.utils.prune + QAT" and r.get("min_layer_density") == 0:
-            out.append(f"- **torch.nn.utils.prune** s={r['sparsity']:g}: global L1 has no per-layer floor — a layer "
-                       "was pruned to nothing (density 0)")  # fmt: skip
+    rows = res.get("rows_per_seed", res["rows"])
+
+    def pct(v: float) -> str:
+        return f"{100 * v:.2f} %"
+
+    nncf = [r for r in rows if r["tool"] == "NNCF" and "sparsity_after_prune" in r]
+    if nncf:
+        steps = "; ".join(f"{pct(r['sparsity_after_prune'])} → {pct(r['sparsity_after_quantize'])} → "
+                          f"{pct(r['achieved_sparsity'])}" for r in nncf)  # fmt: skip
+        bits = sorted({b for r in nncf for b in r["nncf_weight_bits"]}), sorted({b for r in nncf for b in r["nncf_act_bits"]})
+        out.append(f"- **NNCF** keeps its sparsity through its quantization (measured after nncf.prune → nncf.quantize → "
+                   f"its QAT: {steps}); every quantizer it inserts is 8-bit (weights {bits[0]}, activations {bits[1]})")
+    brev = [r for r in rows if r["tool"] == "Brevitas"]
+    if brev:
+        out.append("- **Brevitas** has no pruning; with torch.nn.utils.prune's masks re-attached to its layers, the "
+                   "sparsity of `quant_weight()` after its QAT: " + "; ".join(
+                       f"{pct(r['achieved_sparsity'])} (target {r['sparsity']:g})" for r in brev))  # fmt: skip
+    collapsed = sorted({r["sparsity"] for r in rows if r["tool"] == "torch.nn.utils.prune + QAT"
+                        and r.get("min_layer_density") == 0})  # fmt: skip
+    if collapsed:
+        out.append(f"- **torch.nn.utils.prune**: global L1 has no per-layer floor — at sparsity {collapsed} a layer was "
+                   "pruned to nothing (density 0)")
+    for r in rows:
         if r["tool"] == "Torch-Pruning + QAT" and r.get("mac_fraction", 0) > 1.001 * r.get("mac_target", 1):
-            out.append(f"- **Torch-Pruning** s={r['sparsity']:g}: could not reach prunq's BOPs — at ratio "
+            out.append(f"- **Torch-Pruning** at prunq s={r['sparsity']:g}'s BOPs: could not get there — at ratio "
                        f"{r['tp_ratio']:.2f} {100 * r['mac_fraction']:.1f} % of the MACs remain, target "
-                       f"{100 * r['mac_target']:.1f} %")  # fmt: skip
-    return out
+                       f"{100 * r['mac_target']:.1f} % (it leaves a layer whole rather than remove all its channels)")
+    return list(dict.fromkeys(out))
 
 
 def summarize(res: dict) -> str:
@@ -447,11 +553,14 @@ def summarize(res: dict) -> str:
         *[f"`python bench/peers.py {' '.join(a)}`" for a in res["commands"]], "",
         f"One dense model ({d['params']:,} parameters, {d['source']}), then every tool gets the same budget: "
         f"{rr['prune']['finetune']['steps']} pruning fine-tuning steps and {rr['quant']['finetune']['steps']} "
-        f"quantization steps ({rr['prune']['finetune']['optimizer']}, the task recipe's learning rates and batches). "
+        f"quantization steps ({rr['prune']['finetune']['optimizer']}, the task recipe's learning rates and batches"
+        + (f"; every point run with {len(res['seeds'])} fine-tuning seeds, their mean shown with the range in "
+           "brackets" if len(res.get("seeds", [0])) > 1 else "; one fine-tuning seed") + "). "
         "Sparsity, memory and BOPs are prunq's cost model on each tool's effective weights (sparsity against the "
         f"dense model's prunable weights, so removed channels count). prunq: {pts} grid points "
         f"(sparsity {res['config']['grid_sparsity']} x bits {[f'w{a}a{b}' for a, b in res['config']['grid_bits']]}); "
         "its rows at the peers' settings are listed, all are in the plot and the dominance check.", "",
+        *dominance_summary(res), "",
         *tool_table(res), "",
         "**prunq at <= its BOPs**: the best prunq grid point whose BOPs do not exceed the peer's, and whether it is "
         "at least as good (✓: the peer point is Pareto-dominated).", "",
@@ -525,10 +634,11 @@ def readme_section(results: list[dict]) -> str:
              "<!-- generated by `python bench/peers.py --combine ... --readme` from bench/results/peers_*.json; "
              "do not edit by hand -->", ""]  # fmt: skip
     for res in results:
-        n_dom = sum(x["dominated"] for x in res["dominance"])
+        seeds = len(res.get("seeds", [0]))
         lines += [f"**{res['task']}** ([full table](bench/results/peers_{res['task']}.md), "
-                  f"[plot](bench/results/peers_{res['task']}_pareto.png)): prunq dominates {n_dom} of "
-                  f"{len(res['dominance'])} peer points.", "", *tool_table(res, compact=False), "",
+                  f"[plot](bench/results/peers_{res['task']}_pareto.png)"
+                  + (f"; means over {seeds} fine-tuning seeds, range in brackets" if seeds > 1 else "; one seed")
+                  + "): " + " ".join(dominance_summary(res)), "", *tool_table(res), "",
                   "Joint study (best prunq grid point within a BOPs budget):", "", *joint_table(res), ""]  # fmt: skip
         ev = evidence_lines(res)
         if ev:
@@ -565,6 +675,8 @@ def main() -> None:
                    help="prunq = the grid + Torch-Pruning (which needs prunq's BOPs); peers = the other tools")
     p.add_argument("--dense", type=Path, help="start from this dense checkpoint (safetensors) instead of training")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    p.add_argument("--seed", type=int, help="fine-tuning seed offset (the dense model stays the same): writes "
+                   "peers_<task>[_<part>]_seed<N>, to --combine with the other seeds into means")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run, not results")
     p.add_argument("--quiet", action="store_true")
@@ -582,12 +694,14 @@ def main() -> None:
         if args.dense:
             load_state(args.dense)  # a missing or corrupt file fails here, before any work
         res = run(args)
-        name = f"peers_{args.task}" + ("" if args.part == "all" else f"_{args.part}") + ("_quick" if args.quick else "")
-        if args.part == "all":
+        name = (f"peers_{args.task}" + ("" if args.part == "all" else f"_{args.part}")
+                + (f"_seed{args.seed}" if args.seed is not None else "") + ("_quick" if args.quick else ""))
+        if args.part == "all" and args.seed is None:
             res = analyse(res)
     write(res, name)
     if args.readme is not None:
-        write_readme([json.loads((RESULTS / f"peers_{t}.json").read_text()) for t in (args.readme or [res["task"]])])
+        tasks = args.readme or [t for t in TASKS if (RESULTS / f"peers_{t}.json").is_file()]
+        write_readme([json.loads((RESULTS / f"peers_{t}.json").read_text()) for t in tasks])
 
 
 if __name__ == "__main__":

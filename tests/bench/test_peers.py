@@ -155,9 +155,28 @@ def test_readme_section_is_replaced_in_place(tmp_path):
     peers.write_readme([res], readme)
     text = readme.read_text()
     assert text.startswith("# title\n\nbefore\n") and text.endswith("after\n") and "old" not in text
-    assert "| NNCF | 0.9 | 90.0 % | w8a8 | 90.0 % |" in text and "✓ s0.9 w4a8: 95.0 % | 8-bit only" in text
-    assert "prunq dominates 1 of 1 peer points" in text
+    assert "| NNCF | 0.9 | 90.0 % | w8a8 | 90.0 % | ✓ s0.9 w4a8: 95.0 % | 0.05000 | 0.020000 | 8-bit only" in text
+    assert "prunq Pareto-dominates **1 of 1** peer points." in text
     bad = tmp_path / "NO.md"
     bad.write_text("no markers")
     with pytest.raises(SystemExit, match="NO.md"):
         peers.write_readme([res], bad)
+
+
+def test_means_over_seeds_and_the_misses_are_said():
+    rows = [_row("prunq", 0.9, 4, 8, 0.95, 0.010) | {"seed": 0}, _row("prunq", 0.9, 4, 8, 0.97, 0.012) | {"seed": 1},
+            _row("NNCF", 0.9, 8, 8, 0.97, 0.011) | {"seed": 0}, _row("NNCF", 0.9, 8, 8, 0.99, 0.011) | {"seed": 1}]
+    for r in rows:
+        r |= {"achieved_sparsity": 0.9, "memory_ratio": 0.03}
+    res = {"task": "digits", "metric_name": "top1", "higher_is_better": True, "seeds": [0, 1], "rows": rows,
+           "config": {"sparsity": [0.9], "bits": [4, 8], "budgets": [1 / 64]}, "dense": {"metric": 1.0}}  # fmt: skip
+    peers.analyse(res)
+    prunq, nncf = res["rows"]
+    assert prunq["metric"] == pytest.approx(0.96) and prunq["bops_ratio"] == pytest.approx(0.011)
+    assert prunq["metric_seeds"] == [0.95, 0.97] and prunq["n_seeds"] == 2 and "seed" not in prunq
+    assert len(res["rows_per_seed"]) == 4
+    (x,) = res["dominance"]  # NNCF's mean 98 % at 0.011 vs prunq's mean 96 % at 0.011: not dominated, by 2 points
+    assert not x["dominated"] and x["gap"] == pytest.approx(-0.02)
+    (line,) = peers.dominance_summary(res)
+    assert "**0 of 1**" in line and "NNCF s=0.9 w8a8 (98.0 % vs prunq's s0.9 w4a8 96.0 %: 2.0 pt better" in line
+    assert "| prunq | 0.9 | 90.0 % | w4a8 | 96.0 % (95.0 %–97.0 %) |" in "\n".join(peers.tool_table(res))
