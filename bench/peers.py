@@ -502,10 +502,17 @@ def joint_table(res: dict) -> list[str]:
     def cell(e):
         return "not reachable in the grid" if e is None else f"{e['point']}: {fmt_metric(res, e['metric'])}"
 
+    def gain_text(g: float | None) -> str:
+        if g is None:
+            return "—"
+        if abs(g) < 1e-12:
+            return "tie"
+        if res["metric_name"] == "top1":
+            return f"{100 * g:+.1f} pt"
+        return f"{g:.3f} px better" if g > 0 else f"{-g:.3f} px worse"
+
     for j in res["joint"]:
-        gain = "—" if j["joint_gain"] is None else (f"{100 * j['joint_gain']:+.1f} pt" if res["metric_name"] == "top1"
-                                                    else f"{j['joint_gain']:+.3f} px better" if j['joint_gain'] >= 0
-                                                    else f"{-j['joint_gain']:.3f} px worse")  # fmt: skip
+        gain = gain_text(j["joint_gain"])
         lines.append(f"| 1/{round(1 / j['budget'])} | {cell(j['pruning_only_8bit'])} | {cell(j['quant_only_dense'])} | "
                      f"{cell(j['joint'])} | {gain} |")  # fmt: skip
     return lines
