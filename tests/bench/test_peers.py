@@ -1,4 +1,4 @@
-"""The peers benchmark's own logic (bench/peers.py, bench/peer_methods.py): the baselines it builds from plain
+"""The peers benchmark's own logic (bench/peer_methods.py, bench/peer_report.py): the baselines it builds from plain
 torch (cubic GMP with torch.nn.utils.prune, fake-quant QAT) and the analysis that turns rows into claims.
 The peers themselves (NNCF, Torch-Pruning, Brevitas) are bench extras and are not needed here."""
 
@@ -16,7 +16,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 
 import peer_methods as PM  # noqa: E402
-import peers  # noqa: E402
+import peer_report as peers  # noqa: E402
 
 from prunq import cost as C  # noqa: E402
 from prunq.recipes import Recipe  # noqa: E402
