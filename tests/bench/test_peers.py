@@ -19,6 +19,7 @@ import peer_methods as PM  # noqa: E402
 import peer_report as peers  # noqa: E402
 
 from prunq import cost as C  # noqa: E402
+from prunq.layers import compressible_layers  # noqa: E402
 from prunq.recipes import Recipe  # noqa: E402
 from prunq.tasks import get_task  # noqa: E402
 
@@ -81,17 +82,18 @@ def test_gmp_prune_reaches_the_target_exactly_with_hard_masks():
     torch.manual_seed(0)
     dense = task.build_model("digits_cnn", width=0.25)
     model = PM.gmp_prune(dense, task, recipe, 0.9)
-    layers = [m for _, m in PM.compressible_layers(model)]
+    layers = [m for _, m in compressible_layers(model)]
     total = sum(m.weight_mask.numel() for m in layers)
     zeros = sum(int((m.weight_mask == 0).sum()) for m in layers)
     assert zeros == round(0.9 * total)
     for m in layers:  # the masked weight is what the layer uses
         assert torch.all(m.weight[m.weight_mask == 0] == 0)
-    assert all(prune.is_pruned(m) for _, m in PM.compressible_layers(dense)) is False  # the input is untouched
+    assert not any(prune.is_pruned(m) for _, m in compressible_layers(dense))  # the input is untouched
     plain = PM.plain_copy(model)
-    assert not any(prune.is_pruned(m) for _, m in PM.compressible_layers(plain))
+    assert not any(prune.is_pruned(m) for _, m in compressible_layers(plain))
     x = torch.randn(2, 1, 8, 8)
-    model.eval(), plain.eval()
+    model.eval()
+    plain.eval()
     assert torch.allclose(model(x), plain(x))
 
 
