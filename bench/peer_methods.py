@@ -5,7 +5,7 @@ learning rate and data order as prunq's stages), ``P`` pruning fine-tuning steps
 steps, and is measured by prunq's cost model from its *effective* weights (the tensors its forward pass
 really multiplies with) -- never from the tool's own statistics.
 
-* ``gmp_prune``      -- ``torch.nn.utils.prune.global_unstructured`` (L1) on the cubic schedule of Zhu & Gupta,
+* ``gmp_prune``      -- ``torch.nn.utils.prune.global_unstructured`` (L1) on prunq's cubic schedule (Zhu & Gupta),
                         the masks kept as the tool's forward pre-hooks (hard: a pruned weight never returns);
 * ``PlainQAT``       -- the classic fake-quant QAT a PyTorch user assembles from ``torch.fake_quantize_*``:
                         per-channel symmetric weights (max-abs step), per-tensor activations with a moving
@@ -34,7 +34,9 @@ from torch.nn.utils import prune
 
 from prunq import cost as C
 from prunq.layers import compressible_layers, out_channels
+from prunq.pipeline import quant_calibration_batches
 from prunq.recipes import Recipe
+from prunq.schedules import Schedule
 from prunq.tasks.base import Task
 from prunq.training import fit
 
@@ -97,11 +99,10 @@ def plain_copy(model: nn.Module) -> nn.Module:
     return m
 
 
-def cubic(t: int, steps: int, begin: float, end: float, final: float, initial: float = 0.0) -> float:
-    """Zhu & Gupta's sparsity at step ``t`` of ``steps`` (cut between ``begin`` and ``end`` fractions)."""
-    t0, t1 = begin * steps, max(end * steps, begin * steps + 1)
-    frac = min(max((t - t0) / (t1 - t0), 0.0), 1.0)
-    return final + (initial - final) * (1.0 - frac) ** 3
+def gmp_schedule(spec, steps: int, sparsity: float) -> Schedule:
+    """prunq's own gradual (cubic) schedule over the recipe's pruning window, for the GMP baseline."""
+    begin, end = int(round(spec.begin * steps)), int(round(spec.end * steps))
+    return Schedule("gradual", sparsity, begin, max(end, begin + 1), frequency=spec.frequency)
 
 
 # ---------------------------------------------------------------------------------------------- torch.nn.utils.prune
@@ -121,11 +122,11 @@ def gmp_prune(dense: nn.Module, task: Task, recipe: Recipe, sparsity: float) -> 
     for m, _ in params:
         prune.identity(m, "weight")
     spec = recipe.prune
-    steps = spec.finetune.steps
+    schedule = gmp_schedule(spec, spec.finetune.steps, sparsity)
 
     def after_step(t: int) -> None:
-        if t >= spec.begin * steps and (t - int(spec.begin * steps)) % spec.frequency == 0:
-            _global_l1_to(params, cubic(t + 1, steps, spec.begin, spec.end, sparsity))
+        if t >= schedule.begin and (t - schedule.begin) % spec.frequency == 0:
+            _global_l1_to(params, schedule.target(t + 1))
 
     fit(model, task, spec.finetune, batch_size=recipe.task.batch_size, seed=recipe.seed + 1, stage="gmp",
         after_step=after_step, quiet=True)  # fmt: skip
@@ -193,8 +194,7 @@ def plain_qat(pruned: nn.Module, task: Task, recipe: Recipe, wb: int, ab: int) -
     model = copy.deepcopy(pruned)
     qat = PlainQAT(model, wb, ab)
     spec = recipe.quant
-    qat.calibrate(model, task, task.calibration_batches(spec.calib_batches, recipe.task.batch_size,
-                                                        seed=recipe.seed + 104729))  # fmt: skip
+    qat.calibrate(model, task, quant_calibration_batches(task, recipe))
     fit(model, task, spec.finetune, batch_size=recipe.task.batch_size, seed=recipe.seed + 2, stage="qat", quiet=True)
     return model, qat
 
@@ -211,8 +211,9 @@ def nncf_effective(model: nn.Module, dense: nn.Module) -> tuple[dict[str, torch.
     post, pre = hooks.post_hooks, hooks.pre_hooks
     out, wbits, abits = {}, set(), set()
     weight_q = set()
-    for name, layer in compressible_layers(dense):
-        w = dict(model.named_parameters())[f"{name}.weight"].detach()
+    params = dict(model.named_parameters())
+    for name, _ in compressible_layers(dense):
+        w = params[f"{name}.weight"].detach()
         key = name.replace(".", ":") + ":weight__0"
         if key in post:
             for h in post[key].values():
@@ -257,7 +258,7 @@ def nncf_run(dense: nn.Module, task: Task, recipe: Recipe, sparsity: float) -> d
     pruned_w, _, _ = nncf_effective(model, dense)
     pruned_metric = task.evaluate(model)["metric"]
     t1 = time.perf_counter()
-    calib = task.calibration_batches(recipe.quant.calib_batches, recipe.task.batch_size, seed=recipe.seed + 104729)
+    calib = quant_calibration_batches(task, recipe)
     n_in = len(ex)
     data = nncf.Dataset(calib, lambda b: b[0] if n_in == 1 else tuple(b[:n_in]))
     model = nncf.quantize(model, data, subset_size=len(calib) * recipe.task.batch_size)
@@ -362,7 +363,7 @@ def brevitas_qat(pruned: nn.Module, task: Task, recipe: Recipe, wb: int, ab: int
     t0 = time.perf_counter()
     model = copy.deepcopy(pruned)
     spec = recipe.quant
-    calib = task.calibration_batches(spec.calib_batches, recipe.task.batch_size, seed=recipe.seed + 104729)
+    calib = quant_calibration_batches(task, recipe)
     nonneg = _input_nonneg(model, task, calib)
     twins: dict[type, Callable] = {nn.Conv2d: qnn.QuantConv2d, nn.ConvTranspose2d: qnn.QuantConvTranspose2d,
                                    nn.Linear: qnn.QuantLinear, nn.Conv1d: qnn.QuantConv1d}  # fmt: skip

@@ -128,6 +128,11 @@ def run_prune(model: nn.Module, task: Task, recipe: Recipe, *, history: list[dic
     return StageResult(model, metric, extra, time.perf_counter() - t0)
 
 
+def quant_calibration_batches(task: Task, recipe: Recipe) -> list:
+    """The training batches stage 2 calibrates on (``quant.calib_batches`` of them, a seed of their own)."""
+    return task.calibration_batches(recipe.quant.calib_batches, recipe.task.batch_size, seed=recipe.seed + 104729)
+
+
 def run_quant(
     model: nn.Module, task: Task, recipe: Recipe, *, history: list[dict], quiet: bool = False
 ) -> tuple[StageResult, list[tuple[str, str]]]:
@@ -141,8 +146,7 @@ def run_quant(
         Q.fold_bn_(model, pairs)
     Q.prepare(model, quant_config(spec))
     bs = recipe.task.batch_size
-    calib = task.calibration_batches(spec.calib_batches, bs, seed=recipe.seed + 104729)
-    Q.calibrate(model, calib, lambda m, b: task.loss(m, b))
+    Q.calibrate(model, quant_calibration_batches(task, recipe), lambda m, b: task.loss(m, b))
     fit(model, task, spec.finetune, batch_size=bs, seed=recipe.seed + 2, stage="quant", history=history, quiet=quiet)
     metric, extra = evaluate_metric(task, model)
     history.append({"stage": "quant", "step": spec.finetune.steps, "metric": metric})
@@ -298,5 +302,5 @@ def train_dense(model: nn.Module, task: Task, recipe: Recipe, *, quiet: bool = F
 
 __all__ = [
     "compress", "run_prune", "run_quant", "train_dense", "evaluate_metric", "stage_cost", "build_metrics",
-    "stage_previews", "zoo_spec", "CompressResult", "StageResult", "as_recipe",
+    "stage_previews", "zoo_spec", "CompressResult", "StageResult", "as_recipe", "quant_calibration_batches",
 ]  # fmt: skip

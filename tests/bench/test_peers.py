@@ -24,13 +24,15 @@ from prunq.recipes import Recipe  # noqa: E402
 from prunq.tasks import get_task  # noqa: E402
 
 
-def test_cubic_schedule_by_hand():
+def test_gmp_schedule_by_hand():
     # 100 steps, cut between 10 % and 60 %, to 0.9: s_t = 0.9 * (1 - (1 - (t - 10) / 50)^3)
-    assert PM.cubic(0, 100, 0.1, 0.6, 0.9) == 0.0
-    assert PM.cubic(10, 100, 0.1, 0.6, 0.9) == 0.0
-    assert PM.cubic(35, 100, 0.1, 0.6, 0.9) == pytest.approx(0.9 * (1 - 0.5**3))
-    assert PM.cubic(60, 100, 0.1, 0.6, 0.9) == pytest.approx(0.9)
-    assert PM.cubic(99, 100, 0.1, 0.6, 0.9) == pytest.approx(0.9)
+    spec = Recipe().prune.model_copy(update={"begin": 0.1, "end": 0.6, "frequency": 5})
+    s = PM.gmp_schedule(spec, 100, 0.9)
+    assert s.target(0) == 0.0
+    assert s.target(10) == 0.0
+    assert s.target(35) == pytest.approx(0.9 * (1 - 0.5**3))
+    assert s.target(60) == pytest.approx(0.9)
+    assert s.target(99) == pytest.approx(0.9)
 
 
 def _tiny() -> nn.Module:
