@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prunq import cost as C
+from prunq.cost import measure as C
 from prunq import quant as Q
-from prunq.pipeline import evaluate_metric, stage_cost, run_prune, run_quant
-from prunq.pruner import PruneConfig, Pruner
-from prunq.recipes import load_recipe
-from prunq.runs import dense_model, make_task
+from prunq.pipeline.run import evaluate_metric, stage_cost, run_prune, run_quant
+from prunq.prune.pruner import PruneConfig, Pruner
+from prunq.pipeline.recipes import load_recipe
+from prunq.pipeline.runs import dense_model, make_task
 from prunq.tasks.classification.models import build
 
 ROOT = Path(__file__).resolve().parents[1]

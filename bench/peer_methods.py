@@ -1,6 +1,6 @@
 """The peers' recipes for bench/peers.py: what a user of each tool would run, at prunq's fine-tuning budget.
 
-Every method gets the same dense model, the same training batches (``prunq.training.fit``: same optimizer,
+Every method gets the same dense model, the same training batches (``prunq.pipeline.training.fit``: same optimizer,
 learning rate and data order as prunq's stages), ``P`` pruning fine-tuning steps and ``Q`` quantization
 steps, and is measured by prunq's cost model from its *effective* weights (the tensors its forward pass
 really multiplies with) -- never from the tool's own statistics.
@@ -32,13 +32,13 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from prunq import cost as C
-from prunq.layers import compressible_layers, out_channels
-from prunq.pipeline import quant_calibration_batches
-from prunq.recipes import Recipe
-from prunq.schedules import Schedule
+from prunq.cost import measure as C
+from prunq.core.layers import compressible_layers, out_channels
+from prunq.pipeline.run import quant_calibration_batches
+from prunq.pipeline.recipes import Recipe
+from prunq.prune.schedules import Schedule
 from prunq.tasks.base import Task
-from prunq.training import fit
+from prunq.pipeline.training import fit
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -319,7 +319,7 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from prunq.plots import pareto_front
+    from prunq.report.plots import pareto_front
 
     stereo = res["task"] == "stereo"
     keys = [("metric", "synthetic validation EPE (px)"), ("middlebury.epe", "Middlebury EPE (px)")] if stereo \

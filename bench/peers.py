@@ -46,12 +46,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peer_methods as PM  # noqa: E402
 from peer_report import RESULTS, analyse, combine, write, write_readme  # noqa: E402
 
-from prunq import cost as C  # noqa: E402
-from prunq.io import load_state  # noqa: E402
-from prunq.recipes import load_recipe  # noqa: E402
-from prunq.report import flatten  # noqa: E402
-from prunq.runs import dense_model, make_task  # noqa: E402
-from prunq.sweep import run_sweep  # noqa: E402
+from prunq.cost import measure as C  # noqa: E402
+from prunq.pipeline.io import load_state  # noqa: E402
+from prunq.pipeline.recipes import load_recipe  # noqa: E402
+from prunq.report.report import flatten  # noqa: E402
+from prunq.pipeline.runs import dense_model, make_task  # noqa: E402
+from prunq.pipeline.sweep import run_sweep  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS: dict[str, dict[str, Any]] = {

@@ -27,11 +27,11 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from prunq import cost as C
-from prunq.io import load_state
-from prunq.recipes import load_recipe
-from prunq.runs import dense_model, make_task
-from prunq.sweep import run_sweep
+from prunq.cost import measure as C
+from prunq.pipeline.io import load_state
+from prunq.pipeline.recipes import load_recipe
+from prunq.pipeline.runs import dense_model, make_task
+from prunq.pipeline.sweep import run_sweep
 from prunq.tasks.stereo.metrics import StereoMeter
 from prunq.tasks.stereo.task import _motorcycle
 

@@ -9,7 +9,7 @@ import yaml
 
 from prunq.cli import main
 
-from ._tiny import TINY
+from tests._tiny import TINY
 
 
 def _cli(*args):

@@ -17,41 +17,41 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "compress": "prunq.pipeline",
-    "CompressResult": "prunq.pipeline",
-    "train_dense": "prunq.pipeline",
-    "load": "prunq.io",
-    "Pruner": "prunq.pruner",
-    "PruneConfig": "prunq.pruner",
-    "Granularity": "prunq.granularity",
-    "Schedule": "prunq.schedules",
+    "compress": "prunq.pipeline.run",
+    "CompressResult": "prunq.pipeline.run",
+    "train_dense": "prunq.pipeline.run",
+    "load": "prunq.pipeline.io",
+    "Pruner": "prunq.prune.pruner",
+    "PruneConfig": "prunq.prune.pruner",
+    "Granularity": "prunq.prune.granularity",
+    "Schedule": "prunq.prune.schedules",
     "QuantConfig": "prunq.quant",
     "prepare": "prunq.quant",
     "calibrate": "prunq.quant",
     "convert": "prunq.quant",
     "unprepare": "prunq.quant",
-    "measure": "prunq.cost",
-    "LayerQuant": "prunq.cost",
-    "Recipe": "prunq.recipes",
-    "load_recipe": "prunq.recipes",
-    "parse_recipe": "prunq.recipes",
+    "measure": "prunq.cost.measure",
+    "LayerQuant": "prunq.cost.measure",
+    "Recipe": "prunq.pipeline.recipes",
+    "load_recipe": "prunq.pipeline.recipes",
+    "parse_recipe": "prunq.pipeline.recipes",
     "get_task": "prunq.tasks",
     "Task": "prunq.tasks",
-    "PrunqError": "prunq.errors",
+    "PrunqError": "prunq.core.errors",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from prunq.cost import LayerQuant, measure  # noqa: F401
-    from prunq.errors import PrunqError  # noqa: F401
-    from prunq.granularity import Granularity  # noqa: F401
-    from prunq.io import load  # noqa: F401
-    from prunq.pipeline import CompressResult, compress, train_dense  # noqa: F401
-    from prunq.pruner import PruneConfig, Pruner  # noqa: F401
+    from prunq.cost.measure import LayerQuant, measure  # noqa: F401
+    from prunq.core.errors import PrunqError  # noqa: F401
+    from prunq.prune.granularity import Granularity  # noqa: F401
+    from prunq.pipeline.io import load  # noqa: F401
+    from prunq.pipeline.run import CompressResult, compress, train_dense  # noqa: F401
+    from prunq.prune.pruner import PruneConfig, Pruner  # noqa: F401
     from prunq.quant import QuantConfig, calibrate, convert, prepare, unprepare  # noqa: F401
-    from prunq.recipes import Recipe, load_recipe, parse_recipe  # noqa: F401
-    from prunq.schedules import Schedule  # noqa: F401
+    from prunq.pipeline.recipes import Recipe, load_recipe, parse_recipe  # noqa: F401
+    from prunq.prune.schedules import Schedule  # noqa: F401
     from prunq.tasks import Task, get_task  # noqa: F401
 
 

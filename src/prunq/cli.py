@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from prunq.errors import PrunqError
+from prunq.core.errors import PrunqError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
 def _recipe(args):
     import yaml
 
-    from prunq.recipes import load_recipe
+    from prunq.pipeline.recipes import load_recipe
 
     recipe = load_recipe(args.recipe)
     changes = {}
@@ -80,8 +80,8 @@ def _bits_check(values, flag):
 
 
 def cmd_compress(args) -> int:
-    from prunq.fsutil import atomic_dir
-    from prunq.runs import compress_recipe, write_run
+    from prunq.report.fsutil import atomic_dir
+    from prunq.pipeline.runs import compress_recipe, write_run
 
     recipe = _recipe(args)
     with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
@@ -94,9 +94,9 @@ def cmd_compress(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from prunq.fsutil import atomic_dir
-    from prunq.report import render_sweep
-    from prunq.sweep import run_sweep
+    from prunq.report.fsutil import atomic_dir
+    from prunq.report.report import render_sweep
+    from prunq.pipeline.sweep import run_sweep
 
     recipe = _recipe(args)
     for s in args.sparsity:
@@ -117,7 +117,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from prunq.report import render_report
+    from prunq.report.report import render_report
 
     path = render_report(args.run)
     print(path)
@@ -125,10 +125,10 @@ def cmd_report(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from prunq.io import load
-    from prunq.recipes import load_recipe
-    from prunq.report import load_metrics
-    from prunq.runs import make_task
+    from prunq.pipeline.io import load
+    from prunq.pipeline.recipes import load_recipe
+    from prunq.report.report import load_metrics
+    from prunq.pipeline.runs import make_task
 
     metrics = load_metrics(args.run)
     recipe = load_recipe(args.run / "recipe.yaml")

@@ -18,9 +18,9 @@ sys.path.insert(0, str(BENCH))
 import peer_methods as PM  # noqa: E402
 import peer_report as peers  # noqa: E402
 
-from prunq import cost as C  # noqa: E402
-from prunq.layers import compressible_layers  # noqa: E402
-from prunq.recipes import Recipe  # noqa: E402
+from prunq.cost import measure as C  # noqa: E402
+from prunq.core.layers import compressible_layers  # noqa: E402
+from prunq.pipeline.recipes import Recipe  # noqa: E402
 from prunq.tasks import get_task  # noqa: E402
 
 

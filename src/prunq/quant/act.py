@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from prunq.errors import PrunqError
+from prunq.core.errors import PrunqError
 from prunq.quant.primitives import MIN_STEP, fake_quant, grad_scale, is_quantized, pow2_ste, qrange
 from prunq.quant.weight import mse_steps
 

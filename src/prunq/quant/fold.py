@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from prunq.errors import PrunqError
-from prunq.layers import from_canonical, out_channels, to_canonical
-from prunq.masks import original
+from prunq.core.errors import PrunqError
+from prunq.core.layers import from_canonical, out_channels, to_canonical
+from prunq.prune.masks import original
 from prunq.quant.weight import weight_quantizer
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)

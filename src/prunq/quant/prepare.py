@@ -8,7 +8,7 @@
 >>> model(torch.randn(2, 1, 4, 4)).shape
 torch.Size([2, 2])
 
-Masks must be attached *before* :func:`prepare` (``prunq.masks.attach_mask`` refuses a weight that
+Masks must be attached *before* :func:`prepare` (``prunq.prune.masks.attach_mask`` refuses a weight that
 already has parametrizations), so the weight quantizer comes second: ``W_eff = Q(mask * W)``.
 """
 
@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from prunq.errors import PrunqError
-from prunq.layers import compressible_layers, is_compressible
-from prunq.masks import original
+from prunq.core.errors import PrunqError
+from prunq.core.layers import compressible_layers, is_compressible
+from prunq.prune.masks import original
 from prunq.quant.act import CALIBRATIONS, ActQuantizer
 from prunq.quant.primitives import check_bits, is_quantized
 from prunq.quant.weight import WEIGHT_INITS, WeightQuantizer, weight_quantizer

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from prunq.errors import PrunqError
+from prunq.core.errors import PrunqError
 
 #: Bit-widths that mean "not quantized".
 FLOAT_BITS: frozenset[int] = frozenset({16, 32})

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from prunq.errors import PrunqError
-from prunq.layers import is_compressible, out_channels, to_canonical, from_canonical
+from prunq.core.errors import PrunqError
+from prunq.core.layers import is_compressible, out_channels, to_canonical, from_canonical
 from prunq.quant.primitives import MIN_STEP, fake_quant, grad_scale, is_quantized, pow2_ste, qrange
 
 WEIGHT_INITS: tuple[str, ...] = ("max", "mse")

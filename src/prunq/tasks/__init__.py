@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prunq.errors import PrunqError
+from prunq.core.errors import PrunqError
 from prunq.tasks.base import Task
 
 __all__ = ["Task", "get_task", "render_previews", "TASKS"]

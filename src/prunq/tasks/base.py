@@ -89,10 +89,10 @@ def inference(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def build_from_zoo(zoo: dict[str, Any], name: str, **kwargs: Any) -> nn.Module:
-    """``zoo[name](**kwargs)``; an unknown name or argument is a :class:`~prunq.errors.PrunqError`."""
+    """``zoo[name](**kwargs)``; an unknown name or argument is a :class:`~prunq.core.errors.PrunqError`."""
     import inspect
 
-    from prunq.errors import PrunqError
+    from prunq.core.errors import PrunqError
 
     if name not in zoo:
         raise PrunqError(f"model.name: unknown model {name!r} (choose from {', '.join(zoo)})")

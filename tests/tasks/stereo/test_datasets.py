@@ -9,7 +9,7 @@ import pytest
 import skimage.io
 import torch
 
-from prunq.errors import PrunqError
+from prunq.core.errors import PrunqError
 from prunq.tasks.stereo.datasets import (
     Kitti2015,
     SceneFlow,

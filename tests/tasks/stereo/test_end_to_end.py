@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from prunq.recipes import load_recipe
+from prunq.pipeline.recipes import load_recipe
 
 ROOT = Path(__file__).resolve().parents[3]
 KEYS = {"epe", "d1", "bad1", "bad2", "bad3"}

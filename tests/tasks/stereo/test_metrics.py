@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prunq.errors import PrunqError
+from prunq.core.errors import PrunqError
 from prunq.tasks.stereo.metrics import METRIC_KEYS, StereoMeter, stereo_metrics
 
 INF = float("inf")

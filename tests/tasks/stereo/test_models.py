@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from prunq.errors import PrunqError
+from prunq.core.errors import PrunqError
 from prunq.tasks import build_model
 from prunq.tasks.stereo import models
 from prunq.tasks.stereo.models import StereoNet, build, group_correlation

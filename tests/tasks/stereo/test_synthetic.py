@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from prunq.errors import PrunqError
+from prunq.core.errors import PrunqError
 from prunq.tasks.stereo.surfaces import (
     Ellipse,
     Everywhere,

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from prunq.errors import PrunqError
+from prunq.core.errors import PrunqError
 from prunq.tasks import TASKS, get_task
 from prunq.tasks.stereo import task as task_module
 from prunq.tasks.stereo.task import StereoTask

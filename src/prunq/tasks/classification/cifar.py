@@ -13,7 +13,7 @@ data set; fewer is accepted so that tiny fixtures and partial copies load).
 The pickles are read with :class:`RestrictedUnpickler`, which resolves only the few numpy globals an
 ``ndarray`` pickle needs: a CIFAR file from an untrusted mirror can then build arrays, lists and dicts,
 and nothing else -- a pickle that names any other global (``os.system``, ...) is refused with
-:class:`~prunq.errors.PrunqError` before anything is called.
+:class:`~prunq.core.errors.PrunqError` before anything is called.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from prunq.errors import PrunqError
+from prunq.core.errors import PrunqError
 from prunq.tasks.classification.common import ClassificationTask, random_crop, random_hflip
 
 __all__ = ["Cifar10Task", "RestrictedUnpickler", "find_cifar10", "load_cifar10", "CIFAR10_MEAN", "CIFAR10_STD"]

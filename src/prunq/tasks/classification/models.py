@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from prunq.errors import PrunqError
+from prunq.core.errors import PrunqError
 from prunq.tasks.base import build_from_zoo
 
 __all__ = ["DigitsCNN", "BasicBlock", "CifarResNet", "resnet20", "resnet32", "resnet56", "MODELS", "build"]

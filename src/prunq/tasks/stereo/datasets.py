@@ -4,7 +4,7 @@ Every loader returns ``(left, right, disp)``: images float32 (3, H, W) in [0, 1]
 channels, alpha dropped, 16-bit images scaled by 65535), and the LEFT disparity float32 (H, W) in pixels
 with ``left[y, x] <-> right[y, x - d]`` and ``+inf`` where there is no ground truth (METHOD §6's
 Middlebury convention, used for all). A missing folder or file, an unreadable file, or a left / right /
-disparity size mismatch raises :class:`~prunq.errors.PrunqError` naming the path.
+disparity size mismatch raises :class:`~prunq.core.errors.PrunqError` naming the path.
 
 Layouts:
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prunq.errors import PrunqError
+from prunq.core.errors import PrunqError
 
 __all__ = ["Kitti2015", "SceneFlow", "middlebury_motorcycle", "read_kitti_disparity", "read_pfm", "write_pfm"]
 
@@ -181,7 +181,7 @@ class Kitti2015(torch.utils.data.Dataset):
 
     >>> Kitti2015("/nonexistent")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
-    prunq.errors.PrunqError: /nonexistent/training/image_2: no such directory
+    prunq.core.errors.PrunqError: /nonexistent/training/image_2: no such directory
     """
 
     def __init__(self, root: PathLike, split: str = "training", occluded: bool = True) -> None:
@@ -220,7 +220,7 @@ class SceneFlow(torch.utils.data.Dataset):
 
     >>> SceneFlow("/nonexistent")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
-    prunq.errors.PrunqError: /nonexistent/frames_cleanpass/TRAIN: no such directory
+    prunq.core.errors.PrunqError: /nonexistent/frames_cleanpass/TRAIN: no such directory
     """
 
     def __init__(

@@ -8,7 +8,7 @@ Conventions, shared by every stereo loader in prunq:
 * a non-finite *prediction* (NaN, inf) at a valid pixel counts as an infinite error: ``epe`` becomes
   ``inf`` and the pixel is bad/d1. (NaN compares false, so propagating it would silently count the pixel
   as *good* in every threshold metric.)
-* no valid pixel at all raises :class:`~prunq.errors.PrunqError` (there is no honest number to report);
+* no valid pixel at all raises :class:`~prunq.core.errors.PrunqError` (there is no honest number to report);
   :class:`StereoMeter` accepts such images (they add nothing) and raises only if *nothing* was valid.
 
 Averages are pixel-weighted: a batch (or a meter over many images) counts every valid pixel once.
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from prunq.errors import PrunqError
+from prunq.core.errors import PrunqError
 
 __all__ = ["METRIC_KEYS", "StereoMeter", "stereo_metrics"]
 

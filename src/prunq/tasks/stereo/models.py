@@ -29,7 +29,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from prunq.errors import PrunqError
+from prunq.core.errors import PrunqError
 from prunq.tasks.base import build_from_zoo
 
 __all__ = ["MODELS", "StereoNet", "build", "group_correlation"]

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prunq.errors import PrunqError
+from prunq.core.errors import PrunqError
 
 __all__ = [
     "Ellipse",

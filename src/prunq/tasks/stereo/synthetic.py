@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from prunq.errors import PrunqError
+from prunq.core.errors import PrunqError
 from prunq.tasks.stereo.surfaces import (
     Ellipse,
     Everywhere,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunq.errors import PrunqError
+from prunq.core.errors import PrunqError
 from prunq.tasks.base import Task, inference
 from prunq.tasks.classification.common import mixed_seed, model_device
 from prunq.tasks.stereo import models

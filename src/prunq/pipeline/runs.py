@@ -1,0 +1,82 @@
+"""Run directories (METHOD.md §5): what ``prunq compress`` and ``prunq sweep`` write, and how."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from prunq.core.errors import PrunqError
+from prunq.pipeline.io import DENSE_FILE, PREVIEWS_FILE, load_state, save_model, save_tensors
+from prunq.pipeline.run import CompressResult, compress, train_dense, zoo_spec
+from prunq.pipeline.recipes import Recipe, dump_recipe
+from prunq.tasks import get_task
+from prunq.tasks.base import Task
+
+
+def make_task(recipe: Recipe) -> Task:
+    """The task a recipe names, with its data directory and options."""
+    kwargs = dict(recipe.task.options)
+    if recipe.task.data_dir is not None:
+        kwargs["data_dir"] = recipe.task.data_dir
+    try:
+        return get_task(recipe.task.name, **kwargs)
+    except TypeError as e:
+        raise PrunqError(f"task.options: {e}") from None
+
+
+def dense_model(recipe: Recipe, task: Task, *, quiet: bool = False) -> tuple[nn.Module, list[dict], float]:
+    """The dense starting point: the recipe's checkpoint, or a model trained with ``recipe.dense``."""
+    t0 = time.perf_counter()
+    torch.manual_seed(recipe.seed)
+    try:
+        model = task.build_model(recipe.model.name, **recipe.model.kwargs)
+    except TypeError as e:
+        raise PrunqError(f"model.kwargs: {e}") from None
+    history: list[dict] = []
+    if recipe.model.checkpoint:
+        state = load_state(recipe.model.checkpoint)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise PrunqError(
+                f"{recipe.model.checkpoint}: does not match model {recipe.model.name!r} ({str(e).splitlines()[0]})"
+            ) from None
+    else:
+        history = train_dense(model, task, recipe, quiet=quiet)
+    return model, history, time.perf_counter() - t0
+
+
+def write_run(directory: Path, recipe: Recipe, result: CompressResult, *, render: bool = True) -> None:
+    """Write recipe.yaml, metrics.json, model.safetensors + model.json, previews.safetensors (when the task
+    has pictures to show), dense.safetensors (when the run trained its dense model) and the report."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "recipe.yaml").write_text(dump_recipe(recipe))
+    (directory / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
+    save_model(directory, result.model, result.manifest)
+    if result.previews:
+        save_tensors(directory / PREVIEWS_FILE, result.previews)
+    if result.dense_state is not None:  # reusable as `model.checkpoint` for another compression run
+        save_tensors(directory / DENSE_FILE, result.dense_state)
+    if render:
+        from prunq.report.report import render_report
+
+        render_report(directory)
+
+
+def compress_recipe(recipe: Recipe, *, quiet: bool = False) -> CompressResult:
+    """Everything ``prunq compress`` does before writing: task, dense model, both stages."""
+    task = make_task(recipe)
+    model, dense_hist, dense_s = dense_model(recipe, task, quiet=quiet)
+    trained = None if recipe.model.checkpoint else {k: v.detach().clone() for k, v in model.state_dict().items()}
+    result = compress(model, task, recipe, quiet=quiet, model_spec=zoo_spec(recipe, task), inplace=True)
+    if dense_hist:  # the dense metric is measured after training: plot it there
+        result.metrics["history"][0]["step"] = recipe.dense.steps
+    result.metrics["history"] = dense_hist + result.metrics["history"]
+    result.metrics["timing"]["dense_s"] = dense_s
+    result.metrics["timing"]["total_s"] += dense_s
+    result.dense_state = trained
+    return result

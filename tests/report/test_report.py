@@ -1,0 +1,305 @@
+"""Reports, plots and atomic writes: prunq.report.report, prunq.report.plots, prunq.fsutil."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prunq.core.errors import PrunqError
+from prunq.report.fsutil import atomic_dir, atomic_write_bytes, atomic_write_text
+from prunq.report.plots import format_metric, pareto_front, run_label
+from prunq.report.report import load_metrics, render_report, render_sweep, summary_line
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _metrics() -> dict:
+    """A hand-written metrics.json for a 3-layer digits model (numbers consistent with METHOD.md §4)."""
+    layers = [
+        # name, kind, params, nonzeros, macs, wb, ab
+        ("conv1", "Conv2d", 144, 72, 9216, 8, 8),
+        ("conv2", "Conv2d", 4608, 46, 73728, 4, 8),
+        ("fc", "Linear", 10240, 205, 10240, 8, 8),
+    ]
+    recs = []
+    for name, kind, n, nz, macs, wb, ab in layers:
+        recs.append({
+            "name": name, "kind": kind, "params": n, "nonzeros": nz, "density": nz / n, "macs": macs,
+            "weight_bits": wb, "act_bits": ab, "bops": macs * nz / n * wb * ab,
+            "memory_bits": nz * wb + n + 32, "encoding": "bitmap",
+            "index_bits": {"dense": 0, "bitmap": n, "csr": nz * 7 + 33, "relative": nz * 5},
+            "entropy_bits": 100.0,
+        })
+    dense_params = 144 + 4608 + 10240 + 16 + 32 + 10
+    return {
+        "task": "digits", "metric_name": "top1", "higher_is_better": True, "prunq_version": "0.1.0",
+        "dense": {"metric": 0.981, "params": dense_params, "macs": 93184, "bops": 93184 * 1024,
+                  "memory_bits": dense_params * 32},
+        "pruned": {"metric": 0.975, "sparsity": 0.98},
+        "compressed": {"metric": 0.978, "sparsity": 0.98, "weight_bits": 4, "act_bits": 8,
+                       "bops": 51234.0, "memory_bits": 21000, "middlebury": {"epe": 1.5, "d1": 0.12}},
+        "memory_ratio": 0.012, "bops_ratio": 0.0006, "memory_ratio_int8": 0.048, "bops_ratio_int8": 0.0096,
+        "memory_bits_by_encoding": {"dense": 80000, "bitmap": 21000, "csr": 24000, "relative": 22000,
+                                    "best": 20500},
+        "entropy_bound_bits": 1234.5,
+        "layers": recs,
+        "history": [
+            {"stage": "dense", "step": 0, "loss": 2.3, "metric": 0.2},
+            {"stage": "dense", "step": 10, "loss": 0.3, "metric": 0.97},
+            {"stage": "prune", "step": 0, "loss": 0.9, "sparsity": 0.8},
+            {"stage": "prune", "step": 10, "loss": 0.4, "metric": 0.96, "sparsity": 0.98},
+            {"stage": "quant", "step": 0, "loss": 0.5, "sparsity": 0.98},
+            {"stage": "quant", "step": 5, "loss": 0.35, "metric": 0.978, "sparsity": 0.98},
+        ],
+        "timing": {"dense_s": 3.2, "prune_s": 75.0, "quant_s": 4000.0, "total_s": 4078.2},
+    }
+
+
+def _write_run(tmp_path: Path, metrics: dict, recipe: str | None = "task: digits\nmodel: {name: lenet}\n") -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    if recipe is not None:
+        (run / "recipe.yaml").write_text(recipe)
+    return run
+
+
+# --------------------------------------------------------------------------------------------------
+# pareto_front
+# --------------------------------------------------------------------------------------------------
+
+
+def _pts(pairs):
+    return [{"bops": x, "metric": y} for x, y in pairs]
+
+
+def test_pareto_front_higher_is_better():
+    rows = _pts([(10, 0.90), (20, 0.95), (30, 0.93), (5, 0.80), (40, 0.99), (25, 0.95)])
+    # (30, .93) is beaten by (20, .95); (25, .95) ties on metric but costs more than (20, .95).
+    assert pareto_front(rows, "bops", "metric", True) == [3, 0, 1, 4]
+
+
+def test_pareto_front_lower_is_better():
+    rows = _pts([(10, 2.0), (20, 1.5), (30, 1.8), (5, 3.0), (40, 1.0)])
+    assert pareto_front(rows, "bops", "metric", False) == [3, 0, 1, 4]
+    # flipping the direction: only the cheapest survives when it is also the best
+    assert pareto_front(_pts([(1, 1.0), (2, 2.0)]), "bops", "metric", False) == [0]
+    assert pareto_front(_pts([(1, 1.0), (2, 2.0)]), "bops", "metric", True) == [0, 1]
+
+
+def test_pareto_front_ties_and_missing():
+    # exact duplicates are both optimal; same x with worse y is dominated; same y with more x too
+    rows = _pts([(10, 0.9), (10, 0.9), (10, 0.8), (12, 0.9), (None, 1.0), (8, float("nan"))])
+    assert pareto_front(rows, "bops", "metric", True) == [0, 1]
+    assert pareto_front([], "bops", "metric", True) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# render_report / load_metrics
+# --------------------------------------------------------------------------------------------------
+
+
+def test_render_report(tmp_path):
+    run = _write_run(tmp_path, _metrics())
+    report = render_report(run)
+    assert report == run / "report.md"
+    text = report.read_text()
+    assert text.startswith("# prunq report: digits")
+    assert "98.0 % sparse, w4a8: top-1 97.8 % (dense 98.1 %), memory ×0.012, BOPs ×0.0006" in text
+    for name in ("`conv1`", "`conv2`", "`fc`"):
+        assert name in text
+    assert "10,240" in text  # thousands separators in the layer table
+    assert "0.998 %" in text  # conv2 density 46 / 4608, 3 significant digits
+    assert "9.54e7" in text  # dense BOPs 93,184 * 1024, scientific
+    assert "× int8" in text and "0.0096" in text
+    assert "1,234 bits" in text or "1,235 bits" in text  # entropy bound
+    assert "`middlebury.epe`" in text and "1.5 px" in text and "12.0 %" in text
+    assert "1 h 07 min" in text  # total 4078 s
+    assert "```yaml\ntask: digits\nmodel: {name: lenet}\n```" in text
+    for png in ("plots/layers.png", "plots/stages.png"):
+        assert f"]({png})" in text
+        assert (run / png).read_bytes()[:8] == PNG_MAGIC
+    assert not [p.name for p in run.rglob(".*")]  # no temporaries left behind
+
+
+def test_render_report_minimal_metrics(tmp_path):
+    """Only the §5 keys: optional sections are left out, nothing crashes."""
+    m = _metrics()
+    for k in ("memory_bits_by_encoding", "entropy_bound_bits", "history", "timing",
+              "memory_ratio_int8", "bops_ratio_int8", "prunq_version"):
+        del m[k]
+    for layer in m["layers"]:
+        for k in ("kind", "density", "bops", "memory_bits", "encoding", "index_bits", "entropy_bits"):
+            del layer[k]
+    m["compressed"]["act_bits"] = None
+    run = _write_run(tmp_path, m, recipe=None)
+    text = render_report(run).read_text()
+    assert "w4a32" in text
+    assert "Memory by index encoding" not in text and "## Timing" not in text and "## Recipe" not in text
+    assert "50 %" in text  # conv1 density computed from non-zeros / params
+    assert (run / "plots" / "stages.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_load_metrics_missing_keys(tmp_path):
+    m = _metrics()
+    del m["bops_ratio"]
+    del m["dense"]["bops"]
+    del m["layers"][1]["macs"]
+    run = _write_run(tmp_path, m)
+    with pytest.raises(PrunqError) as err:
+        load_metrics(run)
+    msg = str(err.value)
+    assert str(run / "metrics.json") in msg
+    for key in ("bops_ratio", "dense.bops", "layers[1].macs"):
+        assert key in msg
+    with pytest.raises(PrunqError, match="metrics.json"):
+        render_report(run)
+    assert not (run / "report.md").exists()
+
+
+def test_load_metrics_corrupt_or_absent(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(PrunqError, match=r"metrics\.json: not found"):
+        load_metrics(run)
+    (run / "metrics.json").write_text('{"task": "digits", ')
+    with pytest.raises(PrunqError, match=r"metrics\.json: not valid JSON"):
+        load_metrics(run)
+    (run / "metrics.json").write_text("[1, 2]")
+    with pytest.raises(PrunqError, match=r"metrics\.json: expected a JSON object"):
+        load_metrics(run)
+    with pytest.raises(PrunqError, match="no such run directory"):
+        load_metrics(tmp_path / "nope")
+
+
+def test_summary_line_lower_is_better():
+    m = {"metric_name": "epe", "dense": {"metric": 1.204}, "memory_ratio": 0.01234, "bops_ratio": 0.00061,
+         "compressed": {"metric": 1.25, "sparsity": 0.9996, "weight_bits": 2, "act_bits": 4}}
+    assert summary_line(m) == "99.96 % sparse, w2a4: EPE 1.25 px (dense 1.2 px), memory ×0.0123, BOPs ×0.00061"
+    assert format_metric(None, "top1") == "—"
+    assert run_label({"sparsity": 0.98, "weight_bits": 4, "act_bits": 8}) == "s=0.98 w4a8"
+
+
+# --------------------------------------------------------------------------------------------------
+# render_sweep
+# --------------------------------------------------------------------------------------------------
+
+
+def test_render_sweep(tmp_path):
+    def row(run, s, wb, ab, metric, bops, mem):
+        return {"run": run, "sparsity": s, "weight_bits": wb, "act_bits": ab, "metric": metric,
+                "bops": bops, "memory_bits": mem, "bops_ratio": bops / 1e8, "memory_ratio": mem / 5e5}
+
+    rows = [
+        row("s90-w8a8", 0.90, 8, 8, 0.975, 6.4e5, 9000),   # front (BOPs)
+        row("s98-w4a8", 0.98, 4, 8, 0.970, 6.4e4, 3000),   # front (BOPs)
+        row("s98-w8a8", 0.98, 8, 8, 0.965, 1.3e5, 4000),   # dominated by s98-w4a8
+        row("s50-w8a8", 0.50, 8, 8, 0.980, 3.2e6, 2500),   # front (BOPs); on memory cheapest and best: dominates all
+        row("s99-w2a4", 0.99, 2, 4, 0.900, 1.0e4, 2600),   # front (BOPs), dominated on memory
+    ]
+    (tmp_path / "s98-w4a8").mkdir()
+    (tmp_path / "s98-w4a8" / "report.md").write_text("# run\n")
+    dense = {"metric": 0.981, "bops": 9.5e7, "memory_bits": 5e5}
+    md = render_sweep(tmp_path, rows, "top1", True, dense=dense)
+    assert md == tmp_path / "sweep.md"
+    for name in ("pareto_bops.png", "pareto_memory.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+
+    with open(tmp_path / "sweep.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert [r["run"] for r in table] == ["s99-w2a4", "s98-w4a8", "s98-w8a8", "s90-w8a8", "s50-w8a8"]
+    assert {r["run"] for r in table if r["pareto_bops"] == "1"} == {"s99-w2a4", "s98-w4a8", "s90-w8a8", "s50-w8a8"}
+    assert {r["run"] for r in table if r["pareto_memory"] == "1"} == {"s50-w8a8"}
+    assert float(table[0]["bops"]) == 1.0e4
+
+    text = md.read_text()
+    lines = [ln for ln in text.splitlines() if ln.startswith("| ") and "run" not in ln.split("|")[1]]
+    assert len(lines) == 5
+    stars = {}
+    for ln in lines:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        stars[cells[0]] = (cells[-2], cells[-1])
+    assert stars["`s98-w8a8`"] == ("", "")
+    assert stars["[s98-w4a8](s98-w4a8/report.md)"] == ("★", "")
+    assert stars["`s50-w8a8`"] == ("★", "★")
+    assert "Dense fp32 reference: top-1 98.1 %" in text
+    assert "](pareto_bops.png)" in text and "](pareto_memory.png)" in text
+
+
+def test_render_sweep_lower_is_better_marks(tmp_path):
+    rows = [{"run": "a", "metric": 2.0, "bops": 1e4, "memory_bits": 10},
+            {"run": "b", "metric": 1.0, "bops": 1e5, "memory_bits": 20},
+            {"run": "c", "metric": 3.0, "bops": 2e5, "memory_bits": 30}]
+    render_sweep(tmp_path, rows, "epe", False)
+    with open(tmp_path / "sweep.csv", newline="") as fh:
+        flags = {r["run"]: r["pareto_bops"] for r in csv.DictReader(fh)}
+    assert flags == {"a": "1", "b": "1", "c": "0"}
+
+
+# --------------------------------------------------------------------------------------------------
+# fsutil
+# --------------------------------------------------------------------------------------------------
+
+
+def test_atomic_dir_success_and_overwrite(tmp_path):
+    final = tmp_path / "out" / "run"
+    with atomic_dir(final, overwrite=False) as tmp:
+        assert tmp.parent == final.parent and tmp != final
+        assert not final.exists()
+        (tmp / "a.txt").write_text("new")
+    assert (final / "a.txt").read_text() == "new"
+
+    with pytest.raises(PrunqError, match=r"--out: .*run exists; pass --overwrite to replace it"):
+        atomic_dir(final, overwrite=False)  # refused before any work, at construction
+    with pytest.raises(PrunqError):
+        with atomic_dir(final):
+            pytest.fail("body must not run")
+
+    with atomic_dir(final, overwrite=True) as tmp:
+        (tmp / "b.txt").write_text("newer")
+        assert (final / "a.txt").exists()  # the old run stays until the new one is complete
+    assert sorted(p.name for p in final.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in final.parent.iterdir()) == ["run"]
+
+
+def test_atomic_dir_exception_leaves_nothing(tmp_path):
+    final = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="diverged"):
+        with atomic_dir(final, overwrite=False) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"half")
+            raise RuntimeError("diverged")
+    assert list(tmp_path.iterdir()) == []
+
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(final, overwrite=True) as tmp:
+            (tmp / "new.txt").write_text("x")
+            raise KeyboardInterrupt
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    assert [p.name for p in final.iterdir()] == ["old.txt"]
+
+
+def test_atomic_write(tmp_path):
+    p = atomic_write_text(tmp_path / "sub" / "r.md", "héllo\n")
+    assert p.read_bytes() == "héllo\n".encode()
+    atomic_write_bytes(p, b"\x00")
+    assert p.read_bytes() == b"\x00"
+    with pytest.raises(TypeError):
+        atomic_write_bytes(p, "not bytes")  # type: ignore[arg-type]
+    assert p.read_bytes() == b"\x00"
+    assert [q.name for q in p.parent.iterdir()] == ["r.md"]
+
+
+def test_no_heavy_imports():
+    """``prunq report`` must start fast: no torch, and matplotlib only once a plot is drawn."""
+    code = ("import sys, prunq.report.report, prunq.report.plots, prunq.report.fsutil; "
+            "print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
