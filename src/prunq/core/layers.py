@@ -9,6 +9,7 @@ transposed convolution is handled by the same code as a Linear.
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -92,30 +93,33 @@ def from_canonical(c: torch.Tensor, module: nn.Module) -> torch.Tensor:
     return c
 
 
-def channel_shape(module: nn.Module) -> tuple[int, ...]:
-    """Shape that broadcasts one value per *output channel* against the stored weight.
-
-    Only defined when that is possible without a reshape: every layer except a grouped
-    ConvTranspose (use :func:`to_canonical` there).
-    """
-    w = _raw_weight(module)
-    if isinstance(module, _CONV_T):
-        if _groups(module) != 1:
-            raise ValueError("grouped ConvTranspose has no broadcastable per-channel shape; use to_canonical")
-        return (1, w.shape[1], *([1] * (w.dim() - 2)))
-    return (w.shape[0], *([1] * (w.dim() - 1)))
-
-
-def macs_per_sample(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
-    """Dense multiply-accumulates of one forward of ``module`` for one sample of the batch.
+def forward_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
+    """Dense multiply-accumulates of one forward of ``module``, for the *whole* input (every sample).
 
     Conv / Linear: output elements x weights per output element. ConvTranspose: every input element
-    is multiplied by ``out/groups * prod(kernel)`` weights.
+    is multiplied by ``out/groups * prod(kernel)`` weights (the scatter count; with ``padding > 0`` it
+    includes the products that land in the cropped border, as Conv counts those on zero padding).
+    No batch is guessed here: a layer input's first dimension is not the batch for a sequence-first
+    ``(T, B, D)`` or a reshaped ``(B*T, D)`` input, so the caller divides the model's total by the
+    example batch once (:func:`prunq.cost.macs.count_macs`).
+
+    >>> conv = nn.Conv2d(4, 2, 3)
+    >>> x = torch.zeros(3, 4, 5, 5)
+    >>> forward_macs(conv, x, conv(x))  # 3 samples x (2 x 3 x 3 outputs) x (4 x 3 x 3 weights)
+    1944
     """
     w = _raw_weight(module)
-    batch = inp.shape[0] if inp.dim() > 1 else 1
     if isinstance(module, _CONV_T):
-        per_in = w.shape[1] * int(torch.tensor(w.shape[2:]).prod().item() if w.dim() > 2 else 1)
-        return int(inp.numel() // batch) * per_in
-    fan_in = w[0].numel()
-    return int(out.numel() // batch) * fan_in
+        return inp.numel() * w.shape[1] * math.prod(w.shape[2:])
+    return out.numel() * w[0].numel()
+
+
+def is_unbatched_input(module: nn.Module, inp: torch.Tensor) -> bool:
+    """True when ``inp`` is certainly one sample without a batch dimension.
+
+    Conv layers accept ``(C, *spatial)`` (rank one less than the weight's); a Linear called on a
+    vector is unbatched too. Any other Linear input is ambiguous, hence False.
+    """
+    if isinstance(module, (*_CONV, *_CONV_T)):
+        return inp.dim() == _raw_weight(module).dim() - 1
+    return inp.dim() == 1
