@@ -2,7 +2,6 @@ import torch
 from torch import nn
 
 from prunq.prune import masks as M
-from prunq.prune.granularity import Granularity
 
 
 def test_state_dict_keys_are_stable_and_bake_keeps_parameter_object():
@@ -23,12 +22,3 @@ def test_sparsity_counts_masked_tensors():
     M.attach_mask(net[0])
     M.set_mask(net[0], torch.eye(4))
     assert M.sparsity(net) == 0.75
-
-
-def test_granularity_expand_and_reduce():
-    g = Granularity("kernel")
-    x = torch.arange(2 * 3 * 2 * 2, dtype=torch.float).reshape(2, 3, 2, 2)
-    assert g.reduce_sum(x).shape == (2, 3)
-    assert g.expand(torch.tensor([[1, 0, 1], [0, 0, 1]]), (2, 3, 2, 2)).sum() == 3 * 4
-    assert Granularity("channel").group_sizes((2, 3, 2, 2)).tolist() == [12, 12]
-    assert str(Granularity.parse("2:4")) == "2:4"

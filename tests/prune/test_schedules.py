@@ -36,3 +36,32 @@ def test_gradual_cubic():
 def test_bad_schedules(kw, field):
     with pytest.raises(PrunqError, match=field):
         Schedule(**kw)
+
+
+def test_schedule_kinds_are_registered_and_the_config_uses_the_same_rules():
+    from prunq.prune.pruner import PruneConfig
+    from prunq.prune.schedules import SCHEDULES
+
+    assert list(SCHEDULES) == ["one_shot", "iterative", "gradual"]
+    for kind in SCHEDULES:
+        assert PruneConfig(schedule=kind).schedule == kind
+    # one rule, one message: the Schedule (steps) and the config (fractions) raise the same words
+    with pytest.raises(PrunqError, match=r"prune.end: begin \(5\) is after end \(2\)"):
+        Schedule("gradual", 0.5, begin=5, end=2)
+    with pytest.raises(PrunqError, match=r"prune.end: begin \(0.5\) is after end \(0.2\)"):
+        PruneConfig(begin=0.5, end=0.2)
+    with pytest.raises(PrunqError, match=r"prune.begin: -1 is negative"):
+        Schedule("gradual", 0.5, begin=-1, end=2)
+    with pytest.raises(PrunqError, match=r"prune.initial_sparsity: 0.6 must be in \[0, sparsity = 0.5\]"):
+        Schedule("gradual", 0.5, initial_sparsity=0.6)
+    with pytest.raises(PrunqError, match=r"prune.initial_sparsity: 0.6 must be in \[0, sparsity = 0.5\]"):
+        PruneConfig(sparsity=0.5, initial_sparsity=0.6)
+    with pytest.raises(PrunqError, match="prune.frequency: 0 must be an integer >= 1"):
+        Schedule("gradual", 0.5, frequency=0)
+    with pytest.raises(PrunqError, match="prune.frequency: 0 must be an integer >= 1"):
+        PruneConfig(frequency=0)
+
+
+def test_gradual_target_before_begin_is_the_initial_sparsity():
+    s = Schedule("gradual", 0.8, begin=10, end=20, frequency=5, initial_sparsity=0.2)
+    assert s.target(0) == 0.2 and Schedule("iterative", 0.8, begin=10, end=20).target(0) == 0.0

@@ -89,6 +89,22 @@ def attach_mask(module: nn.Module, name: str = "weight", soft: bool = False) -> 
     return m
 
 
+def share_mask(module: nn.Module, mask: Mask, name: str = "weight") -> None:
+    """Register an existing :class:`Mask` on another user of the same (tied) Parameter.
+
+    Every user then computes ``mask * W`` from one mask buffer, so a cut or ``zero_pruned_`` on one is
+    seen by all (:func:`prunq.core.sharing.shared_weight_users` finds them).
+    """
+    if get_mask(module, name) is mask:
+        return
+    if parametrize.is_parametrized(module, name):
+        raise ValueError(f"{name!r} already has parametrizations; share the mask before quantizing")
+    w = getattr(module, name)
+    if w.shape != mask.mask.shape:
+        raise ValueError(f"weight shape {tuple(w.shape)} != mask shape {tuple(mask.mask.shape)}")
+    parametrize.register_parametrization(module, name, mask)
+
+
 def set_mask(module: nn.Module, mask: torch.Tensor, name: str = "weight") -> None:
     """Replace the mask values (shape of the stored weight; any dtype, non-zero = keep)."""
     m = get_mask(module, name)
@@ -133,10 +149,18 @@ def masked_modules(model: nn.Module) -> list[tuple[str, nn.Module, Mask]]:
 
 
 def sparsity(model: nn.Module) -> float:
-    """Fraction of masked-out weights over all masked tensors (0.0 when nothing is masked)."""
+    """Fraction of masked-out weights over all masked tensors (0.0 when nothing is masked).
+
+    A tensor shared by several modules (tied weights) counts once.
+    """
     total = 0
     kept = 0.0
-    for _, _, m in masked_modules(model):
+    seen: set[int] = set()
+    for _, mod, m in masked_modules(model):
+        key = id(original(mod))
+        if key in seen:
+            continue
+        seen.add(key)
         total += m.mask.numel()
         kept += float(m.mask.sum())
     return 1.0 - kept / total if total else 0.0

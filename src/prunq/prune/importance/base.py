@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import torch
 
 from prunq.prune.granularity import Granularity
+
+#: Every criterion that can be built from its name alone (``prune.criterion: taylor``).
+CRITERIA: dict[str, type[Criterion]] = {}
+
+_T = TypeVar("_T", bound="type[Criterion]")
+
+
+def register_criterion(cls: _T) -> _T:
+    """Class decorator: make ``cls`` available to recipes under ``cls.name``."""
+    CRITERIA[cls.name] = cls
+    return cls
 
 
 class Criterion:
@@ -18,7 +29,8 @@ class Criterion:
     """
 
     name: ClassVar[str] = ""
-    needs_grad: ClassVar[bool] = False
+    #: True when scores need :meth:`accumulate` (gradient statistics); a blend decides per instance.
+    needs_grad: bool = False
 
     def __init__(self, ema: float | None = None, seed: int = 0) -> None:
         if ema is not None and not 0.0 < ema < 1.0:

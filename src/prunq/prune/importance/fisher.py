@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from prunq.prune.granularity import Granularity
-from prunq.prune.importance.base import Criterion
+from prunq.prune.importance.base import Criterion, register_criterion
 
 
+@register_criterion
 class Fisher(Criterion):
     """Accumulates ``E[g^2]`` per weight; scores with the current weights."""
 

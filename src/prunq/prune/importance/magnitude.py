@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from prunq.prune.granularity import Granularity
-from prunq.prune.importance.base import Criterion
+from prunq.prune.importance.base import Criterion, register_criterion
 
 
+@register_criterion
 class Magnitude(Criterion):
     """``|w|`` (element) or ``||w_G||_2`` (group)."""
 

@@ -7,9 +7,10 @@ import zlib
 import torch
 
 from prunq.prune.granularity import Granularity
-from prunq.prune.importance.base import Criterion
+from prunq.prune.importance.base import Criterion, register_criterion
 
 
+@register_criterion
 class Random(Criterion):
     """Uniform random group scores from a generator seeded by ``seed`` and the tensor name."""
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 
 from prunq.prune.granularity import Granularity
-from prunq.prune.importance.base import Criterion
+from prunq.prune.importance.base import Criterion, register_criterion
 
 
+@register_criterion
 class Taylor(Criterion):
     """``S_G = E_batches[(Σ_{i∈G} w_i g_i)^2]``."""
 
