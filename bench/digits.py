@@ -25,7 +25,7 @@ from torch import nn
 
 from prunq.cost import measure as C
 from prunq import quant as Q
-from prunq.pipeline.run import evaluate_metric, stage_cost, run_prune, run_quant
+from prunq.pipeline.run import evaluate_metric, run_methods, stage_cost
 from prunq.prune.pruner import PruneConfig, Pruner
 from prunq.pipeline.recipes import load_recipe
 from prunq.pipeline.runs import dense_model, make_task
@@ -56,7 +56,8 @@ def grid(args, recipe, out_rows):
                 r = recipe.with_(**{"prune.sparsity": s, "seed": recipe.seed + seed, **changes})
                 model = copy.deepcopy(dense)
                 t0 = time.perf_counter()
-                pruned = run_prune(model, task, r, history=[], quiet=True)
+                kw = dict(seed=r.seed, batch_size=r.task.batch_size, history=[], quiet=True)
+                (pruned,) = run_methods(model, task, [r.prune], **kw)
                 p_cost = stage_cost(model, task, d_cost)
                 row = {"method": method, "sparsity": s, "bits": "fp32", "seed": seed, "metric": pruned.metric,
                        "achieved_sparsity": p_cost.sparsity, "memory_ratio": p_cost.memory_ratio,
@@ -67,7 +68,7 @@ def grid(args, recipe, out_rows):
                     rq = r.with_(**{"quant.weight_bits": wb, "quant.act_bits": ab})
                     qm = copy.deepcopy(model)
                     t0 = time.perf_counter()
-                    comp, _ = run_quant(qm, task, rq, history=[], quiet=True)
+                    (comp,) = run_methods(qm, task, [rq.quant], first_position=1, **kw)
                     q_cost = stage_cost(qm, task, d_cost)
                     row = {"method": method, "sparsity": s, "bits": f"w{wb}a{ab}", "seed": seed,
                            "metric": comp.metric, "achieved_sparsity": q_cost.sparsity,

@@ -39,7 +39,9 @@ def test_compress_writes_the_run_directory(good_run):
         assert (out / f).is_file(), f
     assert (out / "plots/layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     resolved = yaml.safe_load((out / "recipe.yaml").read_text())
-    assert resolved["prune"]["sparsity"] == 0.9 and resolved["prune"]["criterion"] == "taylor"
+    prune = resolved["methods"][0]
+    assert prune["kind"] == "prune" and prune["sparsity"] == 0.9 and prune["criterion"] == "taylor"
+    assert [m["kind"] for m in resolved["methods"]] == ["prune", "quantize"]
     m = json.loads((out / "metrics.json").read_text())
     assert "features.conv2" in (out / "report.md").read_text()
     assert not list(out.parent.glob(".*tmp*")), "temporary directories left behind"

@@ -21,6 +21,18 @@ _EXPORTS = {
     "CompressResult": "prunq.pipeline.run",
     "train_dense": "prunq.pipeline.run",
     "load": "prunq.pipeline.io",
+    "save": "prunq.pipeline.io",
+    "run_methods": "prunq.pipeline.run",
+    "MethodConfig": "prunq.core.config",
+    "TrainConfig": "prunq.core.config",
+    "MethodBase": "prunq.core.method",
+    "RunContext": "prunq.core.method",
+    "Transform": "prunq.core.method",
+    "register_method": "prunq.core.method",
+    "register_transform": "prunq.core.manifest",
+    "QParams": "prunq.core.qparams",
+    "LayerRecord": "prunq.core.records",
+    "layer_records": "prunq.core.records",
     "Pruner": "prunq.prune.pruner",
     "PruneConfig": "prunq.prune.pruner",
     "Granularity": "prunq.prune.granularity",
@@ -46,8 +58,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from prunq.cost.measure import LayerQuant, measure  # noqa: F401
     from prunq.core.errors import PrunqError  # noqa: F401
     from prunq.prune.granularity import Granularity  # noqa: F401
-    from prunq.pipeline.io import load  # noqa: F401
-    from prunq.pipeline.run import CompressResult, compress, train_dense  # noqa: F401
+    from prunq.core.config import MethodConfig, TrainConfig  # noqa: F401
+    from prunq.core.manifest import register_transform  # noqa: F401
+    from prunq.core.method import MethodBase, RunContext, Transform, register_method  # noqa: F401
+    from prunq.core.qparams import QParams  # noqa: F401
+    from prunq.core.records import LayerRecord, layer_records  # noqa: F401
+    from prunq.pipeline.io import load, save  # noqa: F401
+    from prunq.pipeline.run import CompressResult, compress, run_methods, train_dense  # noqa: F401
     from prunq.prune.pruner import PruneConfig, Pruner  # noqa: F401
     from prunq.quant import QuantConfig, calibrate, convert, prepare, unprepare  # noqa: F401
     from prunq.pipeline.recipes import Recipe, load_recipe, parse_recipe  # noqa: F401

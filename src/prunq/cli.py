@@ -74,9 +74,10 @@ def _summary(metrics: dict) -> str:
 
 
 def _bits_check(values, flag):
+    from prunq.core.config import check_bits
+
     for b in values or []:
-        if not (2 <= b <= 8 or b in (16, 32)):
-            raise PrunqError(f"{flag}: {b} is outside 2–8 (16 or 32 = not quantized)")
+        check_bits(b, flag)
 
 
 def cmd_compress(args) -> int:
@@ -99,9 +100,12 @@ def cmd_sweep(args) -> int:
     from prunq.pipeline.sweep import run_sweep
 
     recipe = _recipe(args)
+    from prunq.core.config import check_sparsity
+
     for s in args.sparsity:
-        if not 0 <= s < 1:
-            raise PrunqError(f"--sparsity: {s} is outside [0, 1)")
+        check_sparsity(s, "--sparsity")
+    if recipe.quant is None or recipe.prune is None:
+        raise PrunqError(f"{args.recipe}: sweep needs a prune and a quantize method")
     _bits_check(args.weight_bits, "--weight-bits")
     _bits_check(args.act_bits, "--act-bits")
     wbits = args.weight_bits or [recipe.quant.weight_bits]

@@ -467,3 +467,26 @@ def test_errors():
 def test_docstring_examples():
     result = doctest.testmod(cost, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_dead_input_channels_cost_no_bops():
+    """METHOD.md §4: an input channel whose producing filter is pruned (no bias) contributes no MACs."""
+    m = nn.Sequential(nn.Conv2d(1, 2, 3, bias=False), nn.ReLU(), nn.Conv2d(2, 3, 1, bias=False))
+    with torch.no_grad():
+        m[0].weight[1] = 0.0  # filter 1 pruned: conv 2's input channel 1 is dead
+    x = (torch.zeros(1, 1, 5, 5),)
+    c2 = cost.measure(m, x).layer("2")
+    assert c2.dead_inputs == 1 and c2.live_nonzeros == 3 and c2.nonzeros == 6
+    assert c2.macs == 9 * 6 and c2.bops == 9 * 6 * 3 / 6 * 32 * 32  # half the weights do work
+    assert cost.measure(m, x, dead_channels=False).layer("2").bops == 9 * 6 * 32 * 32
+    with torch.no_grad():
+        m[0].weight[1, 0, 0, 0] = 1.0  # alive again
+    assert cost.measure(m, x).layer("2").dead_inputs == 0
+
+
+def test_a_pruned_filter_with_a_bias_is_not_dead():
+    m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 3, 1, bias=False))
+    with torch.no_grad():
+        m[0].weight[1] = 0.0
+        m[0].bias.fill_(0.5)  # a constant, not zero
+    assert cost.measure(m, (torch.zeros(1, 1, 5, 5),)).layer("2").dead_inputs == 0

@@ -14,7 +14,8 @@ def test_shipped_recipes_validate(path):
 
 
 def test_round_trip_of_resolved_recipe(tmp_path):
-    r = parse_recipe({"prune": {"sparsity": 0.99, "granularity": "2:4"}, "quant": {"weight_bits": 2}})
+    r = parse_recipe({"prune": {"granularity": "2:4"}, "quant": {"weight_bits": 2}})
+    assert r.prune.sparsity == 0.5  # N:M fixes the sparsity (1 - n/m)
     p = tmp_path / "r.yaml"
     p.write_text(dump_recipe(r))
     assert load_recipe(p) == r
@@ -36,6 +37,13 @@ def test_round_trip_of_resolved_recipe(tmp_path):
         ({"prune": {"begin": 0.8, "end": 0.2}}, "begin"),
         ([1, 2], "must be a YAML mapping"),
         ({"prune": {"score_batches": 0, "finetune": {"steps": 0}}}, "taylor criterion needs gradients"),
+        ({"prune": {"granularity": "2:4", "sparsity": 0.9}}, "2:4 fixes the sparsity at 0.5"),
+        ({"prune": {"granularity": "2:4", "overrides": {"fc": 0.5}}}, "prune.overrides"),
+        ({"methods": [{"kind": "zz"}]}, "methods.0.kind: unknown method kind 'zz'"),
+        ({"methods": [{"sparsity": 0.5}]}, "methods.0.kind: missing"),
+        ({"methods": [], "prune": {}}, "either methods"),
+        ({"quant": {"enabled": "no"}}, "quant.enabled: expected true or false"),
+        ({"seed": 2**64}, "seed"),
     ],
 )  # fmt: skip
 def test_bad_recipes_name_the_field(data, field):
@@ -63,3 +71,20 @@ def test_with_changes_are_validated():
     assert r.with_(**{"prune.sparsity": 0.5}).prune.sparsity == 0.5
     with pytest.raises(PrunqError, match="prune.sparsity"):
         r.with_(**{"prune.sparsity": 2})
+
+
+def test_shorthand_and_methods_are_the_same_recipe():
+    short = parse_recipe({"prune": {"sparsity": 0.8}, "quant": {"weight_bits": 2}})
+    full = parse_recipe({"methods": [{"kind": "prune", "sparsity": 0.8}, {"kind": "quantize", "weight_bits": 2}]})
+    assert short == full
+    assert parse_recipe({"quant": {"enabled": False}}).quant is None
+    assert [m.kind for m in Recipe().methods] == ["prune", "quantize"]
+
+
+def test_with_addresses_methods_by_kind_and_position():
+    r = Recipe()
+    assert r.with_(**{"quant.weight_bits": 2}).quant.weight_bits == 2
+    assert r.with_(**{"methods.1.act_bits": 4}).quant.act_bits == 4
+    for bad in ("quant.nope.x", "gates.beta", "methods.7.sparsity"):
+        with pytest.raises(KeyError):
+            r.with_(**{bad: 1})

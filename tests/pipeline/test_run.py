@@ -48,15 +48,27 @@ def test_metrics_follow_the_contract(run):
     assert m["dense"]["metric"] > 0.85  # a real model on real data, even at this tiny budget
 
 
+def _assert_on_grid(w: torch.Tensor, step: torch.Tensor, qmax: int, name: str) -> None:
+    """``w == k * step`` exactly, with integers ``|k| <= qmax`` (no clamp before the comparison)."""
+    s = step.reshape(-1, *([1] * (w.dim() - 1)))
+    k = torch.round(w / s)
+    assert torch.equal(k * s, w), f"{name}: off the grid"
+    assert k.abs().max() <= qmax, f"{name}: integers out of range"
+
+
 def test_pruned_weights_are_exactly_zero_and_on_the_grid(run):
     _, res = run
     for name, module, mask in M.masked_modules(res.model):
         w = module.weight.detach()
         assert (w[mask.mask == 0] == 0).all(), name
-        wq = weight_quantizer(module)
-        levels = wq.int_weight(w).float()
-        assert levels.abs().max() <= 7  # 4-bit narrow range
-        assert (levels[mask.mask == 0] == 0).all()
+        _assert_on_grid(w, weight_quantizer(module).effective_step(), 7, name)  # 4-bit narrow range
+
+
+def test_the_grid_test_can_fail():
+    with pytest.raises(AssertionError, match="off the grid"):
+        _assert_on_grid(torch.tensor([[0.5, 0.26]]), torch.tensor([0.25]), 7, "x")
+    with pytest.raises(AssertionError, match="out of range"):
+        _assert_on_grid(torch.tensor([[2.25]]), torch.tensor([0.25]), 7, "x")
 
 
 def test_load_reproduces_the_compressed_metric(run, tmp_path):
@@ -69,6 +81,10 @@ def test_load_reproduces_the_compressed_metric(run, tmp_path):
     for (name, module, mask), (_, ref, _) in zip(M.masked_modules(model), M.masked_modules(res.model)):
         assert torch.equal(module.weight, ref.weight), name
         assert (module.weight[mask.mask == 0] == 0).all()
+        _assert_on_grid(module.weight.detach(), weight_quantizer(module).effective_step(), 7, name)
+    manifest = json.loads((tmp_path / "r" / "model.json").read_text())
+    assert manifest["format"] == 2 and manifest["model"]["origin"] == "zoo"
+    assert [t["op"] for t in manifest["transforms"]] == ["mask", "fold_bn", "quantize"]
 
 
 def test_api_compress_on_a_user_model_keeps_the_input_untouched():
@@ -81,7 +97,61 @@ def test_api_compress_on_a_user_model_keeps_the_input_untouched():
     res = prunq.compress(model, task, recipe, quiet=True)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert res.metrics["pruned"]["sparsity"] == pytest.approx(0.8, abs=0.01)
-    assert res.manifest["masked"] and res.manifest["quant"]["weight_bits"] == 4
+    ops = {t["op"]: t for t in res.manifest["transforms"]}
+    assert ops["mask"]["layers"] and ops["quantize"]["layers"]["classifier.fc1"]["weight"]["bits"] == 4
+    assert res.manifest["model"] == {"origin": "user", "class": "DigitsCNN"}
+
+
+def test_compressed_sparsity_counts_prunable_layers_only():
+    """Bug: compressed.sparsity counted layers excluded from pruning while pruned.sparsity did not."""
+    task = get_task("digits")
+    torch.manual_seed(2)
+    model = task.build_model("digits_cnn", width=0.25)
+    recipe = {"prune": {"sparsity": 0.9, "schedule": "one_shot", "mode": "hard", "criterion": "magnitude",
+                        "exclude": ["classifier.fc1"], "finetune": {"steps": 0}},
+              "quant": {"enabled": False}}  # fmt: skip
+    m = prunq.compress(model, task, recipe, quiet=True).metrics
+    assert m["pruned"]["sparsity"] == pytest.approx(m["compressed"]["sparsity"])
+    assert m["compressed"]["sparsity"] == pytest.approx(0.9, abs=0.005)
+
+
+def test_fit_leaves_the_callers_rng_alone():
+    from prunq.pipeline.training import fit
+
+    task = get_task("digits")
+    model = task.build_model("digits_cnn", width=0.25)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    fit(model, task, prunq.TrainConfig(steps=2), batch_size=8, seed=0, stage="t", quiet=True)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_weight_decay_spares_steps_biases_and_norms():
+    from prunq.pipeline.training import make_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Flatten(), torch.nn.Linear(2, 2))
+    prunq.prepare(model, prunq.QuantConfig())
+    opt = make_optimizer(model.named_parameters(), prunq.TrainConfig(weight_decay=0.1))
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in decayed}
+    assert names == {"0.parametrizations.weight.original", "3.parametrizations.weight.original"}
+
+
+def test_loss_terms_are_added_and_logged():
+    from prunq.pipeline.training import fit
+
+    task = get_task("digits")
+    model = task.build_model("digits_cnn", width=0.25)
+    seen = []
+
+    def l1(m):
+        t = 1e-3 * sum(p.abs().sum() for p in m.parameters())
+        seen.append(float(t))
+        return {"l1": t}
+
+    hist = fit(model, task, prunq.TrainConfig(steps=3), batch_size=8, seed=0, stage="t", quiet=True, loss_terms=l1)
+    assert len(seen) == 3 and hist[0]["l1"] == pytest.approx(seen[0])
 
 
 def test_convert_bakes_a_plain_model_with_the_same_outputs(run):
@@ -92,5 +162,31 @@ def test_convert_bakes_a_plain_model_with_the_same_outputs(run):
     prunq.convert(model)
     assert not any(hasattr(m, "parametrizations") for m in model.modules())
     assert torch.allclose(model(x), ref, atol=1e-5)
-    info = prunq.quant.layer_quant(model)
-    assert all(v["weight_bits"] == 4 for v in info.values())
+    records = prunq.layer_records(model)
+    assert all(r.weight_bits == 4 for r in records)
+    for r in records:  # the bits and steps are in the state dict; weights are integer x step
+        assert f"{r.name}.weight_bits" in model.state_dict()
+        _assert_on_grid(r.weight, r.weight_q.step, 7, r.name)
+
+
+def test_convert_on_a_copy_leaves_the_original_intact(run):
+    """Bug: convert() on a deepcopy broke the original (the parametrized class was shared)."""
+    _, res = run
+    copy_ = copy.deepcopy(res.model)
+    prunq.convert(copy_)
+    x = get_task("digits").example_inputs()[0]
+    res.model.eval()
+    assert torch.allclose(res.model(x), copy_.eval()(x), atol=1e-5)
+    assert any(hasattr(m, "parametrizations") for m in res.model.modules())
+
+
+def test_save_and_load_a_converted_model(run, tmp_path):
+    _, res = run
+    model = prunq.convert(copy.deepcopy(res.model))
+    prunq.save((model, res.manifest), tmp_path / "c")
+    ops = [t["op"] for t in json.loads((tmp_path / "c" / "model.json").read_text())["transforms"]]
+    assert ops[-1] == "convert"
+    loaded = prunq.load(tmp_path / "c")
+    task = get_task("digits")
+    assert task.evaluate(loaded)["metric"] == task.evaluate(model)["metric"]
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))

@@ -8,13 +8,13 @@ from torch import nn
 
 from prunq.core.errors import PrunqError
 from prunq.prune.masks import Mask, attach_mask, set_mask, zero_pruned_
+from prunq.core.records import layer_records
 from prunq.quant import (
     ActQuantizer,
     QuantConfig,
     WeightQuantizer,
     bits_for,
     calibrate,
-    layer_quant,
     prepare,
     quantizer_modules,
     unprepare,
@@ -57,14 +57,14 @@ BATCHES = [torch.randn(4, 1, 6, 6, generator=torch.Generator().manual_seed(i)) f
     [
         ({"weight_bits": 9}, "quant.weight_bits: 9 is outside 2–8 (16 or 32 = not quantized)"),
         ({"act_bits": 1}, "quant.act_bits: 1 is outside 2–8"),
-        ({"weight_bits": 4.0}, "quant.weight_bits: 4.0"),
-        ({"overrides": {"fc": {"weight_bits": 12}}}, "quant.overrides['fc'].weight_bits: 12"),
-        ({"overrides": {"fc": {"bits": 8}}}, "quant.overrides['fc']: unknown key 'bits'"),
-        ({"overrides": {"fc": 8}}, "quant.overrides['fc']: expected"),
-        ({"weight_init": "median"}, "quant.weight_init: 'median'"),
-        ({"act_calibration": "entropy"}, "quant.act_calibration: 'entropy'"),
-        ({"percentile": 101.0}, "quant.percentile: 101.0"),
-        ({"exclude": "fc"}, "quant.exclude"),
+        ({"weight_bits": 4.0}, "quant.weight_bits: Input should be a valid integer"),
+        ({"overrides": {"fc": {"weight_bits": 12}}}, "quant.overrides.fc.weight_bits: 12 is outside"),
+        ({"overrides": {"fc": {"bits": 8}}}, "quant.overrides.fc.bits: unknown key"),
+        ({"overrides": {"fc": 8}}, "quant.overrides.fc: Input should be a valid dictionary"),
+        ({"weight_init": "median"}, "quant.weight_init: Input should be 'max' or 'mse'"),
+        ({"act_calibration": "entropy"}, "quant.act_calibration: Input should be"),
+        ({"percentile": 101.0}, "quant.percentile: Input should be less than or equal to 100"),
+        ({"exclude": "fc"}, "quant.exclude: Input should be a valid tuple"),
     ],
 )
 def test_bad_config_names_the_field(kwargs: dict, message: str) -> None:
@@ -228,13 +228,29 @@ def test_unprepare_keeps_masks_and_parameters() -> None:
     assert lin.weight is w and not hasattr(lin, "parametrizations")
 
 
-def test_layer_quant_summary() -> None:
+def test_records_summarise_the_prepared_layers() -> None:
     model = Tiny()
     prepare(model, QuantConfig(weight_bits=4, act_bits=8, per_channel=True, overrides={"fc": {"weight_bits": 32}}, exclude=("up",)))
-    lq = layer_quant(model)
-    assert lq["conv1"] == {"weight_bits": 4, "act_bits": 8, "weight_scales": 4, "act_scales": 1, "power_of_two": False}
-    assert lq["up"] == {"weight_bits": 32, "act_bits": 32, "weight_scales": 0, "act_scales": 0, "power_of_two": False}
-    assert lq["fc"]["weight_bits"] == 32 and lq["fc"]["act_bits"] == 8 and lq["fc"]["weight_scales"] == 0
+    rec = {r.name: r for r in layer_records(model)}
+    assert (rec["conv1"].weight_bits, rec["conv1"].act_bits, rec["conv1"].weight_q.num_steps) == (4, 8, 4)
+    assert rec["up"].weight_q is None and rec["up"].act_q is None
+    assert rec["fc"].weight_q is None and rec["fc"].act_bits == 8
     model2 = Tiny()
     prepare(model2, QuantConfig(per_channel=False, power_of_two=True))
-    assert layer_quant(model2)["conv2"] == {"weight_bits": 4, "act_bits": 8, "weight_scales": 1, "act_scales": 1, "power_of_two": True}
+    q = {r.name: r for r in layer_records(model2)}["conv2"].weight_q
+    assert (q.bits, q.num_steps, q.axis, q.power_of_two) == (4, 1, None, True)
+
+
+def test_calibrate_again_keeps_learned_weight_steps() -> None:
+    """Bug: calibrate() after QAT silently re-initialised learned weight steps."""
+    model = Tiny()
+    prepare(model, QuantConfig())
+    calibrate(model, BATCHES)
+    wq = weight_quantizer(model.conv1)
+    with torch.no_grad():
+        wq.step.mul_(3.0)  # as if learned
+    learned = wq.step.detach().clone()
+    calibrate(model, BATCHES)
+    assert torch.equal(wq.step.detach(), learned)
+    calibrate(model, BATCHES, reinit_weights=True)
+    assert not torch.equal(wq.step.detach(), learned)

@@ -31,6 +31,7 @@ This is a lower layer: it imports :mod:`prunq.core.layers` and :mod:`prunq.core.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +49,9 @@ from prunq.cost.encodings import (
     relative_bits,
 )
 from prunq.core.errors import PrunqError
-from prunq.core.layers import canonical_shape, compressible_layers, macs_per_sample, to_canonical
+from prunq.core.graph import ChannelGraph
+from prunq.cost.macs import count_macs
+from prunq.core.records import LayerRecord, layer_records, recorded_layers
 
 __all__ = [
     "ENCODINGS",
@@ -169,6 +172,10 @@ class LayerCost:
     scale_bits: int
     bias_bits: int
     memory_bits: int
+    pruned: bool = False  # the layer carries a pruning mask (its weights count toward ``sparsity``)
+    stored: bool = True  # False for a later user of a tensor shared with an earlier layer
+    dead_inputs: int = 0  # input channels whose producers are pruned away (their weights cost no BOPs)
+    live_nonzeros: int = -1  # non-zeros not on a dead input channel (what ``bops`` counts); -1 = nonzeros
 
     def value_bits(self, encoding: str) -> int:
         """Bits of the stored weight values under ``encoding`` (``dense``: all ``N``; else ``nz``)."""
@@ -199,6 +206,10 @@ class LayerCost:
             "scale_bits": self.scale_bits,
             "bias_bits": self.bias_bits,
             "memory_bits": self.memory_bits,
+            "pruned": self.pruned,
+            "stored": self.stored,
+            "dead_inputs": self.dead_inputs,
+            "live_nonzeros": self.nonzeros if self.live_nonzeros < 0 else self.live_nonzeros,
         }
 
 
@@ -257,56 +268,6 @@ class ModelCost:
 # --------------------------------------------------------------------------------------------------
 
 
-def _model_device(model: nn.Module) -> torch.device | None:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return None
-
-
-@torch.no_grad()
-def count_macs(model: nn.Module, example_inputs: tuple, exclude: Iterable[str] = ()) -> dict[str, int]:
-    """Dense multiply-accumulates per sample of every compressible layer, by forward hooks.
-
-    Runs ``model(*example_inputs)`` once (meant for a batch of 1; MACs are divided by the batch anyway)
-    in eval mode under ``no_grad``, then restores every module's own train/eval flag. A layer called
-    several times in one forward (a siamese feature extractor) adds up its calls; a layer never called
-    gets 0. Tensor inputs are moved to the model's device.
-
-    >>> m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(18, 4))
-    >>> count_macs(m, (torch.zeros(1, 1, 5, 5),))
-    {'0': 162, '2': 72}
-    """
-    layers = list(compressible_layers(model, exclude))
-    macs = {name: 0 for name, _ in layers}
-
-    def hook_for(name: str):
-        def hook(module: nn.Module, inp: tuple, out: Any) -> None:
-            if not inp or not isinstance(inp[0], torch.Tensor) or not isinstance(out, torch.Tensor):
-                raise PrunqError(f"count_macs: layer {name!r} was not called with a tensor")
-            macs[name] += macs_per_sample(module, inp[0], out)
-
-        return hook
-
-    if not isinstance(example_inputs, (tuple, list)):
-        example_inputs = (example_inputs,)
-    device = _model_device(model)
-    if device is not None:
-        example_inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in example_inputs)
-    modes = [(m, m.training) for m in model.modules()]
-    handles = [module.register_forward_hook(hook_for(name)) for name, module in layers]
-    try:
-        model.eval()
-        model(*example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, was_training in modes:
-            m.training = was_training
-    return macs
-
-
 def _layer_param_ids(module: nn.Module) -> set[int]:
     # Every parameter inside a measured layer: its weight (the parametrization's ``original`` and any
     # quantizer parameter such as a learned step), its bias, and any child quantizer. The layer's own
@@ -320,10 +281,61 @@ def _ratio(num: float, den: float) -> float:
     return 0.0 if num == 0 else math.inf
 
 
-def _measure_layer(name: str, module: nn.Module, macs: int, q: LayerQuant) -> LayerCost:
-    w = module.weight.detach()
-    mask = to_canonical(w, module) != 0
-    shape = tuple(canonical_shape(module))
+def dead_input_channels(model: nn.Module, example_inputs: Any) -> dict[str, torch.Tensor]:
+    """``{layer: BoolTensor(input channels)}`` of input channels that only ever receive zeros ({} when
+    the model cannot be traced: every channel then counts as alive)."""
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    if not args or not all(isinstance(a, torch.Tensor) for a in args):
+        return {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an untraceable model is measured as before: all channels alive
+        graph = ChannelGraph.build(model, args)
+    return graph.dead_input_channels(model) if graph.traced else {}
+
+
+def record_quant(rec: LayerRecord) -> LayerQuant:
+    """The :class:`LayerQuant` a layer's own quantizer records describe (float when it has none).
+
+    Power-of-two steps are stored as 8-bit exponents (METHOD.md §7), other steps as 32-bit floats.
+    """
+    wq, aq = rec.weight_q, rec.act_q
+    pow2 = (wq is None or wq.power_of_two) and (aq is None or aq.power_of_two) and (wq is not None or aq is not None)
+    return LayerQuant(
+        weight_bits=wq.bits if wq is not None else FLOAT_BITS,
+        act_bits=aq.bits if aq is not None else FLOAT_BITS,
+        weight_scales=wq.num_steps if wq is not None else 0,
+        act_scales=aq.num_steps if aq is not None else 0,
+        scale_bits=8 if pow2 else FLOAT_BITS,
+    )
+
+
+def live_weights(weight: torch.Tensor, dead_inputs: torch.Tensor | None) -> torch.Tensor:
+    """Canonical boolean mask of the weights that do work: non-zero and not on a dead input channel.
+
+    Input channel ``c`` of a layer with ``g`` groups feeds canonical column ``c % in_per_group`` of the
+    output channels of group ``c // in_per_group`` (a Linear: column ``c``; after a flatten, input
+    "channels" are the Linear's features).
+    """
+    nz = weight != 0
+    if dead_inputs is None or not bool(dead_inputs.any()):
+        return nz
+    out, in_pg = weight.shape[0], weight.shape[1]
+    groups = dead_inputs.numel() // in_pg if in_pg else 1
+    if groups < 1 or groups * in_pg != dead_inputs.numel() or out % groups:
+        return nz  # a layout the graph did not describe: count every weight
+    dead = dead_inputs.reshape(groups, 1, in_pg).expand(groups, out // groups, in_pg).reshape(out, in_pg)
+    return nz & ~dead.reshape(out, in_pg, *([1] * (weight.dim() - 2)))
+
+
+def _measure_layer(
+    rec: LayerRecord, macs: int, q: LayerQuant, *, stored: bool = True, dead_inputs: torch.Tensor | None = None
+) -> LayerCost:
+    """One layer's cost from its record. ``stored=False`` for the second user of a shared tensor: its
+    MACs and BOPs count, its memory was counted with the first user. Weights on ``dead_inputs`` channels
+    (input channels whose producers were pruned away) multiply only zeros: they cost no BOPs."""
+    mask = rec.weight != 0
+    live = int(live_weights(rec.weight, dead_inputs).sum())
+    shape = rec.shape
     n = mask.numel()
     nz = int(mask.sum())
     bw = q.effective_weight_bits
@@ -335,15 +347,18 @@ def _measure_layer(name: str, module: nn.Module, macs: int, q: LayerQuant) -> La
         "csr": index_bits(mask, "csr"),
         "relative": rel_bits,
     }
-    bias = getattr(module, "bias", None)
-    bias_bits = FLOAT_BITS * (bias.numel() if isinstance(bias, torch.Tensor) else 0)
+    bias_bits = FLOAT_BITS * (rec.bias.numel() if rec.bias is not None else 0)
     scale_bits = q.stored_scale_bits
     totals = {e: (n if e == "dense" else nz) * bw + idx[e] for e in ENCODINGS}
     encoding = min(ENCODINGS, key=lambda e: totals[e])  # min() keeps the first of equal keys
     density = nz / n if n else 0.0
+    memory = totals[encoding] + scale_bits + bias_bits
+    if not stored:
+        idx = dict.fromkeys(idx, 0)
+        memory = 0
     return LayerCost(
-        name=name,
-        kind=type_before_parametrizations(module).__name__,  # not "ParametrizedLinear"
+        name=rec.name,
+        kind=rec.kind,
         shape=shape,
         params=n,
         nonzeros=nz,
@@ -351,14 +366,18 @@ def _measure_layer(name: str, module: nn.Module, macs: int, q: LayerQuant) -> La
         macs=int(macs),
         weight_bits=bw,
         act_bits=ba,
-        bops=(macs * nz * bw * ba) / n if n else 0.0,
+        bops=(macs * live * bw * ba) / n if n else 0.0,
         index_bits=idx,
         relative_r=rel_r,
-        entropy_bits=entropy_bound_bits(n, nz),
+        entropy_bits=entropy_bound_bits(n, nz) if stored else 0.0,
         encoding=encoding,
-        scale_bits=scale_bits,
-        bias_bits=bias_bits,
-        memory_bits=totals[encoding] + scale_bits + bias_bits,
+        scale_bits=scale_bits if stored else 0,
+        bias_bits=bias_bits if stored else 0,
+        memory_bits=memory,
+        pruned=rec.mask is not None,
+        stored=stored,
+        dead_inputs=int(dead_inputs.sum()) if dead_inputs is not None else 0,
+        live_nonzeros=live,
     )
 
 
@@ -370,6 +389,7 @@ def measure(
     exclude: Iterable[str] = (),
     reference: ModelCost | None = None,
     macs: dict[str, int] | None = None,
+    dead_channels: bool = True,
 ) -> ModelCost:
     """Measure ``model`` with the cost model of METHOD.md §4.
 
@@ -384,6 +404,10 @@ def measure(
             *its* dense fp32 / int8 figures (the compressed model may have fewer parameters, e.g. after
             batch-norm folding), and this result's ``dense_*`` fields are copied from it.
         macs: precomputed :func:`count_macs` result, to skip the forward pass.
+        dead_channels: trace the model's channel graph (:class:`prunq.core.graph.ChannelGraph`) and
+            charge no BOPs for weights on a dead input channel — one whose producing filters are all
+            zero with no bias or BatchNorm shift (METHOD.md §4). A model fx cannot trace counts every
+            input channel as alive.
 
     Definitions:
         * ``params``: every parameter of the model, a measured layer counting ``N_l`` + its bias (see the
@@ -402,7 +426,7 @@ def measure(
     (12, 768.0, 96, 384, 0.25)
     """
     quant = dict(quant or {})
-    layers = list(compressible_layers(model, exclude))
+    layers = recorded_layers(model, exclude)
     if not layers:
         raise PrunqError(
             "model has no compressible layer (Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear)"
@@ -418,20 +442,33 @@ def measure(
     if missing:
         raise PrunqError(f"macs: no MAC count for layers {missing}")
 
-    costs = [_measure_layer(n, mod, macs[n], quant.get(n, _FLOAT)) for n, mod in layers]
+    records = layer_records(model, exclude)
+    dead = dead_input_channels(model, example_inputs) if dead_channels and example_inputs is not None else {}
+    seen: set[int] = set()
+    costs = []
+    for rec in records:
+        q = quant.get(rec.name) or record_quant(rec)
+        costs.append(_measure_layer(rec, macs[rec.name], q, stored=rec.stored_id not in seen, dead_inputs=dead.get(rec.name)))
+        seen.add(rec.stored_id)
 
     layer_ids: set[int] = set()
     for _, mod in layers:
         layer_ids |= _layer_param_ids(mod)
     other_params = sum(p.numel() for p in model.parameters() if id(p) not in layer_ids)
     other_bits = FLOAT_BITS * other_params
-    prunable = sum(lc.params for lc in costs)
-    bias_params = sum(lc.bias_bits for lc in costs) // FLOAT_BITS
+    stored = [lc for lc in costs if lc.stored]
+    prunable = sum(lc.params for lc in stored)
+    bias_params = sum(lc.bias_bits for lc in stored) // FLOAT_BITS
     params = prunable + bias_params + other_params
-    nonzeros = sum(lc.nonzeros for lc in costs)
+    nonzeros = sum(lc.nonzeros for lc in stored)
+    # Sparsity is over the prunable (masked) weights only (METHOD.md §2); a model pruned elsewhere (no
+    # masks) is measured over every layer.
+    counted = [lc for lc in stored if lc.pruned] or stored
+    counted_n = sum(lc.params for lc in counted)
+    sparsity = 1.0 - sum(lc.nonzeros for lc in counted) / counted_n if counted_n else 0.0
     total_macs = sum(lc.macs for lc in costs)
     bops = float(sum(lc.bops for lc in costs))
-    by_enc = {e: sum(lc.memory_bits_as(e) for lc in costs) + other_bits for e in ENCODINGS}
+    by_enc = {e: sum(lc.memory_bits_as(e) for lc in stored) + other_bits for e in ENCODINGS}
     memory_bits = sum(lc.memory_bits for lc in costs) + other_bits
     by_enc["best"] = memory_bits
 
@@ -449,7 +486,7 @@ def measure(
         params=params,
         prunable_params=prunable,
         nonzeros=nonzeros,
-        sparsity=1.0 - nonzeros / prunable if prunable else 0.0,
+        sparsity=sparsity,
         macs=total_macs,
         bops=bops,
         memory_bits=memory_bits,

@@ -11,9 +11,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from prunq.prune import masks as M
-from prunq import quant as Q
 from prunq.core.errors import PrunqError
+from prunq.core.manifest import replay, upgrade
 
 MODEL_FILE = "model.safetensors"
 MANIFEST_FILE = "model.json"
@@ -46,7 +45,8 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
         raise PrunqError(f"{p}: not a readable safetensors checkpoint ({e})") from None
 
 
-def _read_manifest(directory: Path) -> dict[str, Any]:
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """``model.json`` of a run directory, as a format-2 transform log (format 1 is upgraded)."""
     p = directory / MANIFEST_FILE
     if not directory.is_dir():
         raise PrunqError(f"{directory}: run directory not found")
@@ -54,53 +54,76 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
         raise PrunqError(f"{p}: missing (is {directory} a prunq run directory?)")
     try:
         manifest = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise PrunqError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    for key in ("model", "masked", "folded", "quant"):
-        if key not in manifest:
-            raise PrunqError(f"{p}: missing key {key!r}")
-    return manifest
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PrunqError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise PrunqError(f"{p}: expected a JSON object")
+    return upgrade(manifest, str(p))
 
 
-def rebuild(model: nn.Module, manifest: dict[str, Any]) -> nn.Module:
-    """Give a fresh ``model`` the compressed structure the manifest describes (masks, folds, quantizers)."""
-    named = dict(model.named_modules())
-    for name in manifest["masked"]:
-        if name not in named:
-            raise PrunqError(f"{MANIFEST_FILE}: layer {name!r} does not exist in the model")
-        M.attach_mask(named[name], soft=False)
-    pairs = [tuple(p) for p in manifest["folded"]]
-    if pairs:
-        Q.fold_bn_(model, pairs)
-    if manifest["quant"] is not None:
-        cfg = dict(manifest["quant"])
-        cfg["exclude"] = tuple(cfg.get("exclude", ()))
-        Q.prepare(model, Q.QuantConfig(**cfg))
-    return model
+def rebuild(model: nn.Module, manifest: dict[str, Any], source: str = MANIFEST_FILE) -> nn.Module:
+    """Give a fresh ``model`` the compressed structure the manifest's transforms describe, in order."""
+    return replay(model, manifest["transforms"], source)
 
 
 def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
     """Load a compressed model from a run directory, in eval mode.
 
     Pruned weights are exactly zero and every weight is on its quantization grid; activation quantizers
-    are active. Models from prunq's zoo are rebuilt from ``model.json``; for your own architecture, pass a
-    fresh instance as ``model``.
+    are active. Models from prunq's zoo are rebuilt from ``model.json``; a run made with your own
+    architecture needs a fresh instance as ``model``. The manifest's transforms are replayed (in order,
+    through a fixed map of operation names) before the weights are loaded, so transforms that change the
+    model's structure or tensor shapes load too.
 
     >>> model = prunq.load("runs/demo")          # doctest: +SKIP
     """
+    import prunq.methods  # noqa: F401  (registers the transforms' replay functions)
+
     d = Path(directory)
-    manifest = _read_manifest(d)
+    manifest = read_manifest(d)
     if model is None:
         from prunq.tasks import build_model  # the zoo; lower layers stay free of tasks
 
-        spec = manifest["model"]
-        if not spec or "name" not in spec:
-            raise PrunqError(f"{d / MANIFEST_FILE}: no zoo model recorded; pass model= to prunq.load")
-        model = build_model(spec["task"], spec["name"], **spec.get("kwargs", {}))
-    rebuild(model, manifest)
+        spec = manifest.get("model") or {}
+        if spec.get("origin") != "zoo" or "name" not in spec:
+            cls = spec.get("class")
+            what = f"your own model ({cls})" if cls else "your own model"
+            raise PrunqError(f"{d}: the run compressed {what}; pass a fresh instance: prunq.load(dir, model=...)")
+        try:
+            model = build_model(spec["task"], spec["name"], **(spec.get("kwargs") or {}))
+        except TypeError as e:
+            raise PrunqError(f"{d / MANIFEST_FILE}: model: {e}") from None
+    model = rebuild(model, manifest, str(d / MANIFEST_FILE))
     state = load_state(d / MODEL_FILE)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise PrunqError(f"{d / MODEL_FILE}: does not match the model ({str(e).splitlines()[0]})") from None
     return model.eval()
+
+
+def save(result: Any, directory: str | Path) -> Path:
+    """Write a :class:`~prunq.pipeline.run.CompressResult` (or ``(model, manifest)``) as a loadable run:
+    ``model.safetensors`` + ``model.json``, and ``metrics.json`` when the result has metrics. The
+    directory is created; existing files of these names are replaced. A model converted after the run
+    (``prunq.convert``) is recorded with a final ``convert`` transform.
+
+    >>> prunq.save(prunq.compress(model, task, recipe), "runs/mine")   # doctest: +SKIP
+    >>> prunq.load("runs/mine", model=MyNet())                          # doctest: +SKIP
+    """
+    from prunq.quant.prepare import converted_layers
+
+    if isinstance(result, tuple):
+        model, manifest, metrics = result[0], result[1], None
+    else:
+        model, manifest, metrics = result.model, result.manifest, result.metrics
+    manifest = json.loads(json.dumps(manifest))  # a copy, JSON-safe
+    converted = converted_layers(model)
+    if converted and not any(t.get("op") == "convert" for t in manifest["transforms"]):
+        manifest["transforms"].append({"op": "convert", "layers": converted})
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    save_model(d, model, manifest)
+    if metrics is not None:
+        (d / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return d

@@ -8,27 +8,23 @@ run), and how to prune and quantize it. ``Recipe.model_dump()`` is the *resolved
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SerializeAsAny, ValidationError, field_validator
 
+import prunq.methods  # noqa: F401  (registers the built-in methods)
+from prunq.core.config import Config, MethodConfig, TrainConfig, format_error
 from prunq.core.errors import PrunqError
-from prunq.prune.granularity import Granularity
-from prunq.prune.importance import CRITERIA
+from prunq.core.method import KINDS, config_type
+from prunq.prune.pruner import PruneConfig
+from prunq.quant.prepare import QuantConfig
+
+#: Shorthand sections: ``prune:`` and ``quant:`` are the first two methods when ``methods:`` is absent.
+SHORTHAND = {"prune": "prune", "quant": "quantize"}
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _check_bits(v: int, field: str) -> int:
-    if not (2 <= v <= 8 or v in (16, 32)):
-        raise ValueError(f"{v} is outside 2–8 (16 or 32 = not quantized)")
-    return v
-
-
-class TaskSpec(_Strict):
+class TaskSpec(Config):
     """The task and its data."""
 
     name: str = "digits"
@@ -37,7 +33,7 @@ class TaskSpec(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
-class ModelSpec(_Strict):
+class ModelSpec(Config):
     """A model from the task's zoo, optionally initialised from a safetensors checkpoint."""
 
     name: str = "digits_cnn"
@@ -45,157 +41,140 @@ class ModelSpec(_Strict):
     checkpoint: str | None = None
 
 
-class TrainSpec(_Strict):
-    """A fine-tuning (or training) run: optimizer steps, optimizer and learning rate."""
-
-    steps: int = Field(500, ge=0)
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    lr_schedule: Literal["cosine", "constant"] = "cosine"
+def _default_methods() -> list[MethodConfig]:
+    return [PruneConfig(), QuantConfig()]
 
 
-class DenseSpec(TrainSpec):
-    """Training the dense model when no checkpoint is given (skipped when steps = 0)."""
-
-    steps: int = Field(1000, ge=0)
-
-
-class PruneSpec(_Strict):
-    """Stage 1: score, prune and fine-tune (METHOD.md §2)."""
-
-    sparsity: float = 0.9
-    criterion: str = "taylor"
-    granularity: str = "element"
-    allocation: Literal["global", "layer"] = "global"
-    mode: Literal["soft", "hard"] = "soft"
-    schedule: Literal["one_shot", "iterative", "gradual"] = "gradual"
-    begin: float = Field(0.0, ge=0, le=1)
-    end: float = Field(0.7, ge=0, le=1)
-    iterations: int = Field(5, ge=1)
-    frequency: int = Field(10, ge=1)
-    initial_sparsity: float = Field(0.0, ge=0, lt=1)
-    min_density: float = Field(0.002, ge=0, le=1)
-    min_per_channel: int = Field(1, ge=0)
-    exclude: list[str] = Field(default_factory=list)
-    overrides: dict[str, float] = Field(default_factory=dict)
-    ema: float | None = Field(None, gt=0, lt=1)
-    regrow: float | None = Field(0.05, ge=0, le=1)
-    cost_exponent: float = Field(0.0, ge=0, le=2)
-    score_batches: int = Field(8, ge=0)
-    finetune: TrainSpec = TrainSpec()
-
-    @field_validator("sparsity")
-    @classmethod
-    def _sparsity(cls, v: float) -> float:
-        if not 0 <= v < 1:
-            raise ValueError(f"{v} is outside [0, 1)")
-        return v
-
-    @field_validator("criterion")
-    @classmethod
-    def _criterion(cls, v: str) -> str:
-        if v not in CRITERIA:
-            raise ValueError(f"unknown criterion {v!r} (choose from {', '.join(CRITERIA)})")
-        return v
-
-    @field_validator("granularity")
-    @classmethod
-    def _granularity(cls, v: str) -> str:
-        try:
-            return str(Granularity.parse(v))
-        except PrunqError as e:
-            raise ValueError(str(e).split(": ", 1)[1]) from None
-
-    @field_validator("overrides")
-    @classmethod
-    def _overrides(cls, v: dict[str, float]) -> dict[str, float]:
-        for pat, s in v.items():
-            if not 0 <= s < 1:
-                raise ValueError(f"{pat!r}: sparsity {s} is outside [0, 1)")
-        return v
-
-    @model_validator(mode="after")
-    def _window(self) -> PruneSpec:
-        if self.begin > self.end:
-            raise ValueError(f"begin ({self.begin}) is after end ({self.end})")
-        if CRITERIA[self.criterion].needs_grad and self.score_batches == 0 and self.finetune.steps == 0:
-            raise ValueError(
-                f"the {self.criterion} criterion needs gradients: set score_batches > 0 or finetune.steps > 0"
-            )
-        return self
+def _method(item: Any, where: str) -> MethodConfig:
+    """One entry of ``methods:`` -> its config, dispatched on ``kind`` through the registry."""
+    if isinstance(item, MethodConfig):
+        return item
+    if not isinstance(item, dict):
+        raise PrunqError(f"{where}: expected a mapping with a 'kind', got {type(item).__name__}")
+    kind = item.get("kind")
+    if not isinstance(kind, str):
+        raise PrunqError(f"{where}.kind: missing (choose from {', '.join(sorted(KINDS))})")
+    try:
+        cls = config_type(kind)
+    except PrunqError as e:
+        raise PrunqError(f"{where}.kind: {e}") from None
+    try:
+        return cls.model_validate(item)
+    except ValidationError as e:
+        raise PrunqError(format_error(e, where, dotted=True)) from None
 
 
-class LayerBits(_Strict):
-    """Per-layer bit-width override."""
-
-    weight_bits: int | None = None
-    act_bits: int | None = None
-
-    @field_validator("weight_bits", "act_bits")
-    @classmethod
-    def _bits(cls, v: int | None, info) -> int | None:
-        return None if v is None else _check_bits(v, info.field_name)
-
-
-class QuantSpec(_Strict):
-    """Stage 2: fold batch-norm, calibrate, quantization-aware fine-tune (METHOD.md §3)."""
-
-    enabled: bool = True
-    weight_bits: int = 4
-    act_bits: int = 8
-    overrides: dict[str, LayerBits] = Field(default_factory=dict)
-    per_channel: bool = True
-    weight_init: Literal["max", "mse"] = "mse"
-    act_calibration: Literal["max", "percentile", "mse"] = "percentile"
-    percentile: float = Field(99.99, gt=0, le=100)
-    learn_step: bool = True
-    power_of_two: bool = False
-    fold_bn: bool = True
-    exclude: list[str] = Field(default_factory=list)
-    calib_batches: int = Field(8, ge=1)
-    finetune: TrainSpec = TrainSpec(steps=300, lr=2e-4)
-
-    @field_validator("weight_bits", "act_bits")
-    @classmethod
-    def _bits(cls, v: int, info) -> int:
-        return _check_bits(v, info.field_name)
+def method_list(v: Any) -> list[MethodConfig]:
+    """Validate ``methods:`` entry by entry. Errors name a method by its kind when it is the only one of
+    that kind (``prune.sparsity: ...``), else by position (``methods.2.sparsity: ...``)."""
+    if not isinstance(v, list):
+        raise PrunqError(f"methods: expected a list of method configs, got {type(v).__name__}")
+    kinds = [item.get("kind") if isinstance(item, dict) else getattr(item, "kind", None) for item in v]
+    label = {kind: key for key, kind in SHORTHAND.items()}
+    return [
+        _method(item, label.get(k, k) if k in KINDS and kinds.count(k) == 1 else f"methods.{i}")
+        for i, (item, k) in enumerate(zip(v, kinds))
+    ]
 
 
-class Recipe(_Strict):
-    """A whole compression run."""
+class Recipe(Config):
+    """A whole compression run: task, model, dense training, and an ordered list of methods.
+
+    ``methods`` is a discriminated union on ``kind`` over every registered method config (``prune``,
+    ``quantize``, and any plug-in). The shorthand ``prune: {...}`` / ``quant: {...}`` (with
+    ``quant: {enabled: false}`` to skip quantization) stands for ``methods: [prune, quantize]``; the
+    resolved recipe is always written with ``methods``.
+    """
 
     name: str = "run"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)
     task: TaskSpec = TaskSpec()
     model: ModelSpec = ModelSpec()
-    dense: DenseSpec = DenseSpec()
-    prune: PruneSpec = PruneSpec()
-    quant: QuantSpec = QuantSpec()
+    dense: TrainConfig = TrainConfig(steps=1000)
+    methods: list[SerializeAsAny[MethodConfig]] = Field(default_factory=_default_methods)
     eval_every: int = Field(0, ge=0)
 
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _methods(cls, v: Any) -> Any:
+        return method_list(v)
+
+    # -- the shorthand sections, read back --------------------------------------------------------
+    def method(self, kind: str) -> MethodConfig | None:
+        """The first method config of ``kind`` (``"prune"``, ``"quantize"``, ...), or None."""
+        return next((m for m in self.methods if m.kind == kind), None)
+
+    @property
+    def prune(self) -> PruneConfig | None:
+        """The ``prune`` method's config (None when the recipe does not prune)."""
+        return self.method("prune")  # type: ignore[return-value]
+
+    @property
+    def quant(self) -> QuantConfig | None:
+        """The ``quantize`` method's config (None when the recipe does not quantize)."""
+        return self.method("quantize")  # type: ignore[return-value]
+
     def with_(self, **changes: Any) -> Recipe:
-        """A copy with dotted-path changes, validated: ``r.with_(**{"prune.sparsity": 0.99})``."""
+        """A copy with dotted-path changes, validated: ``r.with_(**{"prune.sparsity": 0.99})``.
+
+        A path may start with a method's kind (``prune.``, ``quantize.``; ``quant.`` for ``quantize.``) or
+        ``methods.<i>.``. An unknown field is a KeyError naming it.
+        """
         data = self.model_dump()
         for path, value in changes.items():
-            node = data
-            *parents, leaf = path.split(".")
+            head, *rest = path.split(".")
+            if head not in data:
+                kind = SHORTHAND.get(head, head)
+                idx = next((i for i, m in enumerate(data["methods"]) if m.get("kind") == kind), None)
+                if idx is None or not rest:
+                    raise KeyError(path)
+                node: Any = data["methods"][idx]
+            else:
+                node = data
+                rest = [head, *rest]
+            *parents, leaf = rest
             for p in parents:
-                node = node[p]
+                if isinstance(node, list):
+                    if not p.isdigit() or int(p) >= len(node):
+                        raise KeyError(path)
+                    node = node[int(p)]
+                elif isinstance(node, dict) and p in node:
+                    node = node[p]
+                else:
+                    raise KeyError(path)
+            if not isinstance(node, dict):
+                raise KeyError(path)
             node[leaf] = value
         return parse_recipe(data)
 
 
-def _format_error(e: ValidationError, source: str) -> str:
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        parts.append(f"{loc}: {msg}")
-    return f"{source}: " + "; ".join(parts)
+def _expand_shorthand(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """``prune:`` / ``quant:`` -> ``methods:`` (errors name the shorthand key, e.g. ``prune.sparsity``)."""
+    short = {k: data[k] for k in SHORTHAND if k in data}
+    if not short:
+        return data
+    if "methods" in data:
+        raise PrunqError(f"{source}: give either methods: [...] or the prune:/quant: shorthand, not both")
+    out = {k: v for k, v in data.items() if k not in SHORTHAND}
+    methods = []
+    for key, kind in SHORTHAND.items():
+        section = short.get(key, {})
+        if section is None:
+            section = {}
+        if not isinstance(section, dict):
+            raise PrunqError(f"{source}: {key}: expected a mapping, got {type(section).__name__}")
+        section = dict(section)
+        enabled = section.pop("enabled", True)
+        if not isinstance(enabled, bool):
+            raise PrunqError(f"{source}: {key}.enabled: expected true or false")
+        if not enabled:
+            continue
+        try:
+            methods.append(config_type(kind).model_validate({**section, "kind": kind}))
+        except ValidationError as e:
+            raise PrunqError(f"{source}: " + format_error(e, key, dotted=True)) from None
+    out["methods"] = methods
+    return out
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
@@ -204,10 +183,18 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         data = {}
     if not isinstance(data, dict):
         raise PrunqError(f"{source}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    data = _expand_shorthand(data, source)
+    if "methods" in data:
+        try:
+            data = {**data, "methods": method_list(data["methods"])}
+        except PrunqError as e:
+            raise PrunqError(f"{source}: {e}") from None
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        raise PrunqError(_format_error(e, source)) from None
+        raise PrunqError(format_error(e, source)) from None
+    except PrunqError as e:
+        raise PrunqError(f"{source}: {e}") from None
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -1,41 +1,49 @@
-"""The two-stage pipeline: dense evaluation -> stage 1 (score, prune, fine-tune) -> stage 2 (fold,
-calibrate, quantization-aware fine-tune) -> final evaluation, measured by the cost model."""
+"""The one runner: dense evaluation -> each of the recipe's methods in order (attach, fine-tune with its
+hooks, finalize) -> final evaluation, measured by the cost model. ``compress()``, ``prunq sweep`` and the
+benchmarks all run methods through :func:`run_methods`."""
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
+from torch.nn.utils import parametrize
 
+import prunq.methods  # noqa: F401  (registers the built-in methods)
 from prunq import __version__
+from prunq.core.attention import decompose_attention_
+from prunq.core.config import MethodConfig
+from prunq.core.manifest import FORMAT
+from prunq.core.method import RunContext, Transform, build_method
 from prunq.cost import measure as C
-from prunq.prune import masks as M
-from prunq import quant as Q
-from prunq.prune.pruner import PruneConfig, Pruner
-from prunq.pipeline.recipes import PruneSpec, QuantSpec, Recipe, load_recipe, parse_recipe
-from prunq.tasks.base import Task
+from prunq.methods.quantize import calibration_batches
+from prunq.pipeline.recipes import Recipe, load_recipe, parse_recipe
 from prunq.pipeline.training import fit
+from prunq.tasks.base import Task
 
 
 @dataclass
 class StageResult:
-    """What a stage leaves behind: the model, its metric and extra metrics, and its log."""
+    """What a stage (the dense model, or one method) leaves behind: its metric and other metrics, the
+    sparsity when the stage prunes, its time, and the transforms it recorded."""
 
-    model: nn.Module
+    name: str
     metric: float
     extra: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    sparsity: float | None = None
+    kind: str = "dense"
+    transforms: list[Transform] = field(default_factory=list)
 
 
 @dataclass
 class CompressResult:
-    """The output of :func:`compress`: the compressed model, the metrics (METHOD.md §5) and a manifest
-    that rebuilds the model's structure (masks, folded batch-norms, quantizers) for :func:`prunq.load`."""
+    """The output of :func:`compress`: the compressed model, the metrics (METHOD.md §5) and the manifest
+    (the ordered transform log that :func:`prunq.load` replays)."""
 
     model: nn.Module
     metrics: dict[str, Any]
@@ -57,119 +65,74 @@ def as_recipe(recipe: Recipe | dict | str | Path | None) -> Recipe:
 
 
 def evaluate_metric(task: Task, model: nn.Module) -> tuple[float, dict[str, Any]]:
-    """``(headline metric, the task's other metrics)`` on the test split."""
-    out = dict(task.evaluate(model))
+    """``(headline metric, the task's other metrics)`` on the test split.
+
+    Under ``parametrize.cached()``: the masked, fake-quantized weights are computed once for the whole
+    evaluation instead of at every forward (same values; evaluation never changes weights).
+    """
+    with parametrize.cached():
+        out = dict(task.evaluate(model))
     metric = float(out.pop("metric"))
     return metric, out
 
 
-def prune_config(spec: PruneSpec, seed: int) -> PruneConfig:
-    """The library config for a recipe's ``prune`` section."""
-    return PruneConfig(
-        sparsity=spec.sparsity, criterion=spec.criterion, granularity=spec.granularity,
-        allocation=spec.allocation, mode=spec.mode, schedule=spec.schedule, begin=spec.begin, end=spec.end,
-        iterations=spec.iterations, frequency=spec.frequency, initial_sparsity=spec.initial_sparsity,
-        min_density=spec.min_density, min_per_channel=spec.min_per_channel, exclude=tuple(spec.exclude),
-        overrides=dict(spec.overrides), ema=spec.ema, regrow=spec.regrow, cost_exponent=spec.cost_exponent,
-        seed=seed,
-    )  # fmt: skip
+def _validator(task: Task):
+    def validate(model: nn.Module) -> float:
+        with parametrize.cached():
+            return float(task.validate(model)["metric"])
+
+    return validate
 
 
-def quant_config(spec: QuantSpec) -> Q.QuantConfig:
-    """The library config for a recipe's ``quant`` section."""
-    overrides = {
-        pat: {k: v for k, v in bits.model_dump().items() if v is not None} for pat, bits in spec.overrides.items()
-    }
-    return Q.QuantConfig(
-        weight_bits=spec.weight_bits, act_bits=spec.act_bits, overrides=overrides, per_channel=spec.per_channel,
-        weight_init=spec.weight_init, act_calibration=spec.act_calibration, percentile=spec.percentile,
-        learn_step=spec.learn_step, power_of_two=spec.power_of_two, exclude=tuple(spec.exclude),
-    )  # fmt: skip
+def run_methods(
+    model: nn.Module,
+    task: Task,
+    methods: list[MethodConfig],
+    *,
+    seed: int,
+    batch_size: int,
+    history: list[dict],
+    quiet: bool = False,
+    eval_every: int = 0,
+    first_position: int = 0,
+) -> list[StageResult]:
+    """Run ``methods`` in order on ``model`` (in place): attach, fine-tune with the method's hooks when it
+    has steps, finalize (its transforms), evaluate. ``first_position`` is the index of ``methods[0]`` in
+    the recipe (a sweep runs a recipe's methods in two calls; seeds follow the recipe position)."""
+    stages = []
+    for i, cfg in enumerate(methods, start=first_position):
+        t0 = time.perf_counter()
+        method = build_method(cfg)
+        ctx = RunContext(
+            task=task, seed=seed, batch_size=batch_size, position=i, history=history, quiet=quiet,
+            eval_every=eval_every, validate=_validator(task), example_inputs=task.example_inputs(),
+        )  # fmt: skip
+        method.attach(model, ctx)
+        fit(model, task, cfg.finetune, batch_size=batch_size, seed=seed + 1 + i, stage=method.stage, hooks=method,
+            history=history, quiet=quiet)  # fmt: skip
+        transforms = method.finalize(model, ctx)
+        metric, extra = evaluate_metric(task, model)
+        sparsity = method.sparsity() if method.prunes and hasattr(method, "sparsity") else None
+        entry: dict[str, Any] = {"stage": method.stage, "step": cfg.finetune.steps, "metric": metric}
+        if sparsity is not None:
+            entry["sparsity"] = sparsity
+        history.append(entry)
+        stages.append(StageResult(method.stage, metric, extra, time.perf_counter() - t0, sparsity, cfg.kind, transforms))
+    return stages
 
 
-def run_prune(model: nn.Module, task: Task, recipe: Recipe, *, history: list[dict], quiet: bool = False) -> StageResult:
-    """Stage 1 on ``model`` (in place): masks attached, scored, cut on schedule, fine-tuned, frozen."""
-    t0 = time.perf_counter()
-    spec = recipe.prune
-    steps = spec.finetune.steps
-    macs = C.count_macs(model, task.example_inputs()) if spec.cost_exponent > 0 else None
-    pruner = Pruner(model, prune_config(spec, recipe.seed), total_steps=steps, macs=macs)
-    bs = recipe.task.batch_size
-    if pruner.criterion.needs_grad and spec.score_batches > 0:
-        # Scores for the first cut come from a dedicated pass over training batches (no update).
-        was = model.training
-        model.train()
-        for batch in task.calibration_batches(spec.score_batches, bs, seed=recipe.seed + 7919):
-            model.zero_grad(set_to_none=True)
-            task.loss(model, batch).backward()
-            pruner.accumulate()
-        model.zero_grad(set_to_none=True)
-        model.train(was)
-
-    def after_step(t: int) -> dict | None:
-        # Every cut is logged with its sparsity; the metric only every `eval_every` steps (evaluating at
-        # each cut cost the stereo recipe over a minute for 45 extra points on the curve).
-        cut = pruner.step()
-        entry: dict[str, Any] = {} if cut is None else {"sparsity": cut}
-        if recipe.eval_every and (t + 1) % recipe.eval_every == 0:
-            entry.update(metric=evaluate_metric(task, model)[0], sparsity=pruner.sparsity())
-        return entry or None
-
-    fit(
-        model, task, spec.finetune, batch_size=bs, seed=recipe.seed + 1, stage="prune",
-        after_backward=pruner.accumulate, after_step=after_step, history=history, quiet=quiet,
-    )  # fmt: skip
-    if not pruner.frozen:  # no fine-tuning budget, or a schedule that ends after it: cut now
-        pruner.prune(spec.sparsity)
-        pruner.freeze()
-    metric, extra = evaluate_metric(task, model)
-    history.append({"stage": "prune", "step": steps, "metric": metric, "sparsity": pruner.sparsity()})
-    extra["sparsity"] = pruner.sparsity()
-    return StageResult(model, metric, extra, time.perf_counter() - t0)
+def prepare_structure(model: nn.Module) -> list[Transform]:
+    """Make every layer visible to the methods, in place, with outputs unchanged: each
+    ``nn.MultiheadAttention`` becomes :class:`~prunq.core.attention.DecomposedAttention` (its projections
+    are plain Linear layers that are pruned, quantized and counted). Runs before the dense model is
+    measured; the transforms open the manifest."""
+    names = decompose_attention_(model)
+    return [Transform("decompose_attention", {"layers": names})] if names else []
 
 
-def quant_calibration_batches(task: Task, recipe: Recipe) -> list:
-    """The training batches stage 2 calibrates on (``quant.calib_batches`` of them, a seed of their own)."""
-    return task.calibration_batches(recipe.quant.calib_batches, recipe.task.batch_size, seed=recipe.seed + 104729)
-
-
-def run_quant(
-    model: nn.Module, task: Task, recipe: Recipe, *, history: list[dict], quiet: bool = False
-) -> tuple[StageResult, list[tuple[str, str]]]:
-    """Stage 2 on ``model`` (in place): fold batch-norm, attach quantizers, calibrate, QAT."""
-    t0 = time.perf_counter()
-    spec = recipe.quant
-    M.set_soft(model, False)  # masks are frozen in stage 2: pruned weights get no update
-    pairs: list[tuple[str, str]] = []
-    if spec.fold_bn:
-        pairs = Q.find_conv_bn_pairs(model, task.example_inputs())
-        Q.fold_bn_(model, pairs)
-    Q.prepare(model, quant_config(spec))
-    bs = recipe.task.batch_size
-    Q.calibrate(model, quant_calibration_batches(task, recipe), lambda m, b: task.loss(m, b))
-    fit(model, task, spec.finetune, batch_size=bs, seed=recipe.seed + 2, stage="quant", history=history, quiet=quiet)
-    metric, extra = evaluate_metric(task, model)
-    history.append({"stage": "quant", "step": spec.finetune.steps, "metric": metric})
-    return StageResult(model, metric, extra, time.perf_counter() - t0), pairs
-
-
-def stage_cost(model: nn.Module, task: Task, reference: C.ModelCost | None, exclude=()) -> C.ModelCost:
-    """The cost model on ``model`` as it stands, with the bit-widths its quantizers (if any) declare."""
-    quant = {
-        name: C.LayerQuant(
-            weight_bits=info["weight_bits"],
-            act_bits=info["act_bits"],
-            weight_scales=info["weight_scales"],
-            act_scales=info["act_scales"],
-            scale_bits=8 if info.get("power_of_two") else 32,
-        )  # a power-of-two step is stored as its exponent
-        for name, info in Q.layer_quant(model).items()
-    }
-    return C.measure(model, task.example_inputs(), quant=quant, exclude=exclude, reference=reference)
-
-
-def _extras(stage: StageResult) -> dict[str, Any]:
-    return {k: v for k, v in stage.extra.items() if k != "sparsity"}
+def stage_cost(model: nn.Module, task: Task, reference: C.ModelCost | None) -> C.ModelCost:
+    """The cost model on ``model`` as it stands (bits from its own quantizer records)."""
+    return C.measure(model, task.example_inputs(), reference=reference)
 
 
 def _most_common(values: list[int]) -> int:
@@ -180,18 +143,30 @@ def build_metrics(
     task: Task,
     dense: StageResult,
     dense_cost: C.ModelCost,
-    pruned: StageResult,
-    compressed: StageResult,
+    stages: list[StageResult],
     final_cost: C.ModelCost,
     history: list[dict],
     timing: dict[str, float],
     pruned_cost: C.ModelCost | None = None,
 ) -> dict[str, Any]:
-    """The ``metrics.json`` document (METHOD.md §5), plus per-layer encodings and stage timings."""
+    """The ``metrics.json`` document (METHOD.md §5), plus per-layer encodings, the stages and timings.
+
+    ``pruned`` is the model after the last method that prunes (the dense model when none does);
+    ``compressed`` the model after the last method.
+    """
     layers = [lc.to_dict() for lc in final_cost.layers]
     wb = _most_common([lc.weight_bits for lc in final_cost.layers])
     ab = _most_common([lc.act_bits for lc in final_cost.layers])
     fc = final_cost.to_dict()
+    pruned = next((s for s in reversed(stages) if s.sparsity is not None), None)
+    last = stages[-1] if stages else dense
+    pruned_section: dict[str, Any] = (
+        {**pruned.extra, "metric": pruned.metric, "sparsity": pruned.sparsity}
+        if pruned is not None
+        else {**dense.extra, "metric": dense.metric, "sparsity": 0.0}
+    )
+    if pruned_cost is not None:
+        pruned_section.update(bops=pruned_cost.bops, memory_bits=pruned_cost.memory_bits)
     return {
         "task": task.name,
         "metric_name": task.metric_name,
@@ -200,17 +175,19 @@ def build_metrics(
         # A stage's other metrics (the task's extras, e.g. stereo's "val" and "middlebury") sit beside its
         # headline figures; the METHOD.md §5 keys come last so that an extra can never shadow one.
         "dense": {
-            **_extras(dense), "metric": dense.metric, "params": dense_cost.params, "macs": dense_cost.macs,
+            **dense.extra, "metric": dense.metric, "params": dense_cost.params, "macs": dense_cost.macs,
             "bops": dense_cost.dense_fp32_bops, "memory_bits": dense_cost.dense_fp32_memory_bits,
         },
-        "pruned": {
-            **_extras(pruned), "metric": pruned.metric, "sparsity": pruned.extra.get("sparsity", 0.0),
-            **({"bops": pruned_cost.bops, "memory_bits": pruned_cost.memory_bits} if pruned_cost else {}),
-        },
+        "pruned": pruned_section,
         "compressed": {
-            **_extras(compressed), "metric": compressed.metric, "sparsity": final_cost.sparsity,
+            **last.extra, "metric": last.metric, "sparsity": final_cost.sparsity,
             "weight_bits": wb, "act_bits": ab, "bops": final_cost.bops, "memory_bits": final_cost.memory_bits,
         },
+        "stages": [
+            {"name": s.name, "kind": s.kind, "metric": s.metric, "seconds": s.seconds,
+             **({"sparsity": s.sparsity} if s.sparsity is not None else {})}
+            for s in stages
+        ],
         "memory_ratio": final_cost.memory_ratio,
         "bops_ratio": final_cost.bops_ratio,
         "memory_ratio_int8": final_cost.memory_ratio_int8,
@@ -223,6 +200,14 @@ def build_metrics(
     }  # fmt: skip
 
 
+def _timing(stages: list[StageResult], total: float) -> dict[str, float]:
+    out = {f"{s.name}_s": s.seconds for s in stages}
+    out.setdefault("prune_s", 0.0)
+    out.setdefault("quant_s", 0.0)
+    out["total_s"] = total
+    return out
+
+
 def compress(
     model: nn.Module,
     task: Task,
@@ -232,9 +217,11 @@ def compress(
     model_spec: dict[str, Any] | None = None,
     inplace: bool = False,
 ) -> CompressResult:
-    """Compress a trained ``model`` on ``task`` with ``recipe``: prune, then quantize.
+    """Compress a trained ``model`` on ``task`` with the recipe's methods (default: prune, then quantize).
 
-    Returns the compressed model (a copy unless ``inplace``), the metrics and a manifest.
+    Returns the compressed model (a copy unless ``inplace``), the metrics and a manifest. ``model_spec``
+    records where the architecture comes from (a zoo entry ``{"task", "name", "kwargs"}``); without it the
+    run is recorded as a user model, and :func:`prunq.load` then needs ``model=``.
 
     >>> from prunq.tasks import get_task                                  # doctest: +SKIP
     >>> task = get_task("digits"); model = train_my_model(task)           # doctest: +SKIP
@@ -246,22 +233,23 @@ def compress(
         model = copy.deepcopy(model)
     t_start = time.perf_counter()
     history: list[dict] = []
+    structure = prepare_structure(model)
     dense_metric, dense_extra = evaluate_metric(task, model)
     history.append({"stage": "dense", "step": 0, "metric": dense_metric})
-    dense = StageResult(model, dense_metric, dense_extra)
+    dense = StageResult("dense", dense_metric, dense_extra, transforms=structure)
     previews = stage_previews(task, model, "dense")
     dense_cost = C.measure(model, task.example_inputs())
-    pruned = run_prune(model, task, recipe, history=history, quiet=quiet)
-    pruned_cost = stage_cost(model, task, dense_cost)
-    if recipe.quant.enabled:
-        compressed, pairs = run_quant(model, task, recipe, history=history, quiet=quiet)
-    else:
-        compressed, pairs = StageResult(model, pruned.metric, dict(pruned.extra)), []
-        compressed.extra.pop("sparsity", None)
+    kw = dict(seed=recipe.seed, batch_size=recipe.task.batch_size, history=history, quiet=quiet,
+              eval_every=recipe.eval_every)  # fmt: skip
+    # Measure the model after the last pruning method, before any later method changes it.
+    last_prune = max((i for i, m in enumerate(recipe.methods) if build_method(m).prunes), default=-1)
+    stages = run_methods(model, task, recipe.methods[: last_prune + 1], **kw)
+    pruned_cost = stage_cost(model, task, dense_cost) if last_prune >= 0 else None
+    stages += run_methods(model, task, recipe.methods[last_prune + 1 :], first_position=last_prune + 1, **kw)
     final_cost = stage_cost(model, task, dense_cost)
-    timing = {"prune_s": pruned.seconds, "quant_s": compressed.seconds, "total_s": time.perf_counter() - t_start}
-    metrics = build_metrics(task, dense, dense_cost, pruned, compressed, final_cost, history, timing, pruned_cost)
-    manifest = make_manifest(model, recipe, pairs, model_spec or zoo_spec(recipe, task))
+    timing = _timing(stages, time.perf_counter() - t_start)
+    metrics = build_metrics(task, dense, dense_cost, stages, final_cost, history, timing, pruned_cost)
+    manifest = make_manifest([dense, *stages], model_spec, model)
     previews.update(stage_previews(task, model, "compressed"))
     return CompressResult(model, metrics, manifest, history, previews)
 
@@ -275,22 +263,26 @@ def zoo_spec(recipe: Recipe, task: Task) -> dict[str, Any]:
     """The zoo entry recorded in ``model.json``, with the task's defaults resolved (e.g. stereo's
     ``max_disp``), so that :func:`prunq.load` rebuilds exactly the trained architecture."""
     kwargs = task.model_kwargs(recipe.model.name, **recipe.model.kwargs)
-    return {"task": recipe.task.name, "name": recipe.model.name, "kwargs": kwargs}
+    return {"origin": "zoo", "task": recipe.task.name, "name": recipe.model.name, "kwargs": kwargs}
 
 
-def make_manifest(
-    model: nn.Module, recipe: Recipe, pairs: list[tuple[str, str]], model_spec: dict[str, Any] | None
-) -> dict[str, Any]:
-    """What :func:`prunq.load` needs to rebuild the compressed structure before loading weights."""
-    spec = model_spec or {"task": recipe.task.name, "name": recipe.model.name, "kwargs": dict(recipe.model.kwargs)}
+def make_manifest(stages: list[StageResult], model_spec: dict[str, Any] | None, model: nn.Module | None = None) -> dict[str, Any]:
+    """The manifest (METHOD.md §5): the model's origin and the ordered transforms the stages recorded."""
+    if model_spec:
+        origin = {"origin": "zoo", **model_spec}
+    else:
+        origin = {"origin": "user", "class": type(model).__name__ if model is not None else None}
     return {
-        "format": 1,
+        "format": FORMAT,
         "prunq_version": __version__,
-        "model": spec,
-        "masked": [name for name, _, _ in M.masked_modules(model)],
-        "folded": [list(p) for p in pairs],
-        "quant": dataclasses.asdict(quant_config(recipe.quant)) if recipe.quant.enabled else None,
+        "model": origin,
+        "transforms": [t.to_dict() for s in stages for t in s.transforms],
     }
+
+
+def quant_calibration_batches(task: Task, recipe: Recipe) -> list:
+    """The training batches the recipe's quantize method calibrates on (its own seed)."""
+    return calibration_batches(task, recipe.quant, recipe.task.batch_size, recipe.seed)
 
 
 def train_dense(model: nn.Module, task: Task, recipe: Recipe, *, quiet: bool = False) -> list[dict]:
@@ -301,6 +293,7 @@ def train_dense(model: nn.Module, task: Task, recipe: Recipe, *, quiet: bool = F
 
 
 __all__ = [
-    "compress", "run_prune", "run_quant", "train_dense", "evaluate_metric", "stage_cost", "build_metrics",
-    "stage_previews", "zoo_spec", "CompressResult", "StageResult", "as_recipe", "quant_calibration_batches",
+    "compress", "run_methods", "train_dense", "evaluate_metric", "stage_cost", "build_metrics",
+    "stage_previews", "zoo_spec", "make_manifest", "CompressResult", "StageResult", "as_recipe",
+    "quant_calibration_batches",
 ]  # fmt: skip

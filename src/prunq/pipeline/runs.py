@@ -31,11 +31,12 @@ def make_task(recipe: Recipe) -> Task:
 def dense_model(recipe: Recipe, task: Task, *, quiet: bool = False) -> tuple[nn.Module, list[dict], float]:
     """The dense starting point: the recipe's checkpoint, or a model trained with ``recipe.dense``."""
     t0 = time.perf_counter()
-    torch.manual_seed(recipe.seed)
-    try:
-        model = task.build_model(recipe.model.name, **recipe.model.kwargs)
-    except TypeError as e:
-        raise PrunqError(f"model.kwargs: {e}") from None
+    with torch.random.fork_rng(devices=[]):  # seeded initialisation without reseeding the caller
+        torch.manual_seed(recipe.seed)
+        try:
+            model = task.build_model(recipe.model.name, **recipe.model.kwargs)
+        except TypeError as e:
+            raise PrunqError(f"model.kwargs: {e}") from None
     history: list[dict] = []
     if recipe.model.checkpoint:
         state = load_state(recipe.model.checkpoint)

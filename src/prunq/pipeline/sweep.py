@@ -1,7 +1,8 @@
 """The joint view: a grid over sparsity x weight bits x activation bits, sharing work between points.
 
-The dense model is trained (or loaded) once; stage 1 runs once per sparsity; stage 2 once per
-(sparsity, weight bits, activation bits) on a copy of that pruned model.
+The dense model is trained (or loaded) once; the recipe's methods up to its last pruning method run once
+per sparsity, the methods after it once per (sparsity, weight bits, activation bits) on a copy of that
+pruned model — both through the one runner, :func:`prunq.pipeline.run.run_methods`.
 """
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
+from prunq.core.errors import PrunqError
+from prunq.core.method import build_method
 from prunq.cost import measure as C
+from prunq.pipeline.recipes import Recipe
 from prunq.pipeline.run import (
-    CompressResult, StageResult, build_metrics, evaluate_metric, make_manifest, run_prune, run_quant, stage_cost,
+    CompressResult, StageResult, _timing, build_metrics, evaluate_metric, make_manifest, prepare_structure,
+    run_methods, stage_cost,
     stage_previews, zoo_spec,
 )  # fmt: skip
-from prunq.pipeline.recipes import Recipe
-from prunq.report.report import flatten
 from prunq.pipeline.runs import dense_model, make_task, write_run
+from prunq.report.report import flatten
 
 
 def point_name(sparsity: float, wb: int, ab: int) -> str:
@@ -39,45 +43,53 @@ def run_sweep(
     trained model and its training history to start from (default: the recipe's checkpoint or dense
     training); it is not modified. ``render=False`` writes the runs without their reports.
     """
+    if recipe.prune is None or recipe.quant is None:
+        raise PrunqError("sweep: the recipe needs a prune and a quantize method (sparsity x bit-width grid)")
     task = make_task(recipe)
     if dense is None:
         d_model, dense_hist, _ = dense_model(recipe, task, quiet=quiet)
     else:
         d_model, dense_hist = dense
+    d_model = copy.deepcopy(d_model)
+    structure = prepare_structure(d_model)
     d_metric, d_extra = evaluate_metric(task, d_model)
-    d_stage = StageResult(d_model, d_metric, d_extra)
+    d_stage = StageResult("dense", d_metric, d_extra, transforms=structure)
     d_cost = C.measure(d_model, task.example_inputs())
     d_previews = stage_previews(task, d_model, "dense")
     rows: list[dict[str, Any]] = []
+    split = 1 + max(i for i, m in enumerate(recipe.methods) if build_method(m).prunes)
     points = tqdm(total=len(sparsities) * len(bits), desc="sweep", disable=True if quiet else None)
     for s in sparsities:
         r_s = recipe.with_(**{"prune.sparsity": s})
+        kw = dict(seed=r_s.seed, batch_size=r_s.task.batch_size, quiet=quiet, eval_every=r_s.eval_every)
         hist: list[dict] = [{"stage": "dense", "step": 0, "metric": d_metric}]
         pruned_model = copy.deepcopy(d_model)
-        pruned = run_prune(pruned_model, task, r_s, history=hist, quiet=quiet)
+        head = run_methods(pruned_model, task, r_s.methods[:split], history=hist, **kw)
         p_cost = stage_cost(pruned_model, task, d_cost)
         for wb, ab in bits:
             t0 = time.perf_counter()
             r = r_s.with_(**{"quant.weight_bits": wb, "quant.act_bits": ab})
             h = list(hist)
             model = copy.deepcopy(pruned_model)
-            comp, pairs = run_quant(model, task, r, history=h, quiet=quiet)
+            tail = run_methods(model, task, r.methods[split:], history=h, first_position=split, **kw)
+            stages = head + tail
             cost = stage_cost(model, task, d_cost)
-            timing = {"prune_s": pruned.seconds, "quant_s": comp.seconds, "total_s": time.perf_counter() - t0}
-            metrics = build_metrics(task, d_stage, d_cost, pruned, comp, cost, h, timing, p_cost)
+            timing = _timing(stages, sum(x.seconds for x in head) + time.perf_counter() - t0)
+            metrics = build_metrics(task, d_stage, d_cost, stages, cost, h, timing, p_cost)
             name = point_name(s, wb, ab)
             previews = {**d_previews, **stage_previews(task, model, "compressed")}
-            result = CompressResult(model, metrics, make_manifest(model, r, pairs, zoo_spec(r, task)), h, previews)
+            result = CompressResult(model, metrics, make_manifest([d_stage, *stages], zoo_spec(r, task), model), h, previews)
             write_run(out / "runs" / name, r, result, render=render)
+            last = stages[-1]
             rows.append({
-                "sparsity": s, "weight_bits": wb, "act_bits": ab, "metric": comp.metric,
-                "pruned_metric": pruned.metric, "achieved_sparsity": cost.sparsity,
+                "sparsity": s, "weight_bits": wb, "act_bits": ab, "metric": last.metric,
+                "pruned_metric": head[-1].metric, "achieved_sparsity": cost.sparsity,
                 "bops": cost.bops, "memory_bits": cost.memory_bits,
                 "bops_ratio": cost.bops_ratio, "memory_ratio": cost.memory_ratio, "run": f"runs/{name}",
-                "prune_s": pruned.seconds, "quant_s": comp.seconds, **flatten(comp.extra),
+                "prune_s": timing.get("prune_s", 0.0), "quant_s": timing.get("quant_s", 0.0), **flatten(last.extra),
             })  # fmt: skip
             points.update(1)
-            points.set_postfix({"point": name, "metric": f"{comp.metric:.4g}"})
+            points.set_postfix({"point": name, "metric": f"{last.metric:.4g}"})
     points.close()
     dense_ref = {"metric": d_metric, "bops": d_cost.dense_fp32_bops, "memory_bits": d_cost.dense_fp32_memory_bits,
                  "params": d_cost.params, "macs": d_cost.macs, "extra": d_extra}

@@ -11,12 +11,15 @@ Typical use (masks attached first, so ``W_eff = Q(mask * W)``)::
 from prunq.quant.act import ActQuantizer
 from prunq.quant.fold import find_conv_bn_pairs, fold_bn_
 from prunq.quant.prepare import (
+    LayerBits,
     QuantConfig,
     bits_for,
     calibrate,
     convert,
-    layer_quant,
+    converted_layers,
     prepare,
+    prepare_layers,
+    quant_plan,
     quantizer_modules,
     unprepare,
 )
@@ -34,7 +37,10 @@ __all__ = [
     "find_conv_bn_pairs",
     "fold_bn_",
     "grad_scale",
-    "layer_quant",
+    "LayerBits",
+    "converted_layers",
+    "prepare_layers",
+    "quant_plan",
     "pow2_ste",
     "prepare",
     "qrange",

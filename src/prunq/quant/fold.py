@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from prunq.core.errors import PrunqError
+from prunq.core.graph import ChannelGraph
 from prunq.core.layers import from_canonical, out_channels, to_canonical
 from prunq.prune.masks import original
 from prunq.quant.weight import weight_quantizer
@@ -43,12 +44,21 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
 def find_conv_bn_pairs(model: nn.Module, example_inputs: Any = None) -> list[tuple[str, str]]:
     """``(conv_name, bn_name)`` for every Conv / ConvTranspose whose output feeds *only* a BatchNorm.
 
-    Uses ``torch.fx.symbolic_trace`` (masked, i.e. parametrized, convs are traced as leaf modules).
-    A module called more than once is never paired. If tracing fails, falls back -- with a warning --
+    With ``example_inputs`` the pairs come from the channel dependency graph
+    (:meth:`prunq.core.graph.ChannelGraph.conv_bn_pairs`, the same graph the cost model reads dead
+    channels from); without, from a plain ``torch.fx.symbolic_trace`` (masked, i.e. parametrized, convs
+    are traced as leaf modules). A module called more than once is never paired. If tracing fails, falls back -- with a warning --
     to a conv immediately followed by a BatchNorm inside an ``nn.Sequential``; then, when
     ``example_inputs`` (a tensor or a tuple of positional inputs) is given, one eval-mode forward
     confirms that each such BatchNorm really receives that conv's output.
     """
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    if example_inputs is not None and all(isinstance(a, torch.Tensor) for a in args):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # untraceable: the fallback below warns once
+            graph = ChannelGraph.build(model, args)
+        if graph.traced:
+            return graph.conv_bn_pairs()
     try:
         gm = torch.fx.symbolic_trace(model)
     except Exception as err:  # fx raises many types (TraceError, TypeError, ...) on dynamic code

@@ -16,68 +16,68 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.nn.utils import parametrize
 
+from prunq.core import parametrize as P
+from prunq.core.config import Bits, Config, MethodConfig, TrainConfig
 from prunq.core.errors import PrunqError
 from prunq.core.layers import compressible_layers, is_compressible
-from prunq.prune.masks import original
-from prunq.quant.act import CALIBRATIONS, ActQuantizer
-from prunq.quant.primitives import check_bits, is_quantized
-from prunq.quant.weight import WEIGHT_INITS, WeightQuantizer, weight_quantizer
+from prunq.core.records import CONVERTED_BITS, CONVERTED_STEP, INPUT_QUANTIZER
+from prunq.core.sharing import shared_weight_users, stored_weight
+from prunq.prune.masks import get_mask, original
+from prunq.quant.act import ActQuantizer
+from prunq.quant.primitives import is_quantized
+from prunq.quant.weight import WeightQuantizer, weight_quantizer
 
 #: Name of the activation quantizer submodule on each compressed layer (a state-dict key prefix).
-ACT_ATTR = "input_quantizer"
-_OVERRIDE_KEYS = ("weight_bits", "act_bits")
+ACT_ATTR = INPUT_QUANTIZER
 
 
-@dataclass(frozen=True)
-class QuantConfig:
-    """What :func:`prepare` quantizes and how (METHOD.md §3). Validated on construction.
+class LayerBits(Config):
+    """A per-layer bit-width override (either key may be left out)."""
 
-    ``overrides`` maps an fnmatch pattern of layer names to ``{"weight_bits": b, "act_bits": b}``
-    (either key may be left out); later patterns win. 16 or 32 bits leave that tensor in float.
+    error_prefix: ClassVar[str] = "quant.overrides"
+    weight_bits: Bits | None = None
+    act_bits: Bits | None = None
+
+
+class QuantConfig(MethodConfig):
+    """Quantization with quantization-aware fine-tuning (METHOD.md §3): the ``quantize`` method's config.
+
+    One definition for the Python API and the recipe's ``quant:`` section (or ``methods: [{kind:
+    quantize, ...}]``). ``overrides`` maps an fnmatch pattern of layer names to ``{"weight_bits": b,
+    "act_bits": b}``; later patterns win. 16 or 32 bits leave that tensor in float. ``fold_bn``,
+    ``calib_batches`` and ``finetune`` are what the method does around :func:`prepare` (fold batch-norm
+    first, calibrate on that many training batches, fine-tune); :func:`prepare` itself reads the rest.
+
+    >>> QuantConfig(weight_bits=2).weight_bits
+    2
+    >>> QuantConfig(weight_bits=12)
+    Traceback (most recent call last):
+    ...
+    prunq.core.errors.PrunqError: quant.weight_bits: 12 is outside 2–8 (16 or 32 = not quantized)
     """
 
-    weight_bits: int = 4
-    act_bits: int = 8
-    overrides: dict[str, dict[str, int]] = field(default_factory=dict)
+    error_prefix: ClassVar[str] = "quant"
+    kind: Literal["quantize"] = "quantize"
+    weight_bits: Bits = 4
+    act_bits: Bits = 8
+    overrides: dict[str, LayerBits] = Field(default_factory=dict)
     per_channel: bool = True
-    weight_init: str = "max"
-    act_calibration: str = "percentile"
-    percentile: float = 99.99
+    weight_init: Literal["max", "mse"] = "mse"
+    act_calibration: Literal["max", "percentile", "mse"] = "percentile"
+    percentile: float = Field(99.99, gt=0, le=100)
     learn_step: bool = True
     power_of_two: bool = False
+    fold_bn: bool = True
     exclude: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        check_bits(self.weight_bits, "quant.weight_bits")
-        check_bits(self.act_bits, "quant.act_bits")
-        if not isinstance(self.overrides, dict):
-            raise PrunqError(f"quant.overrides: expected a mapping pattern -> bits, got {type(self.overrides).__name__}")
-        for pattern, bits in self.overrides.items():
-            where = f"quant.overrides[{pattern!r}]"
-            if not isinstance(pattern, str) or not isinstance(bits, dict):
-                raise PrunqError(f"{where}: expected a name pattern mapped to {{'weight_bits': b, 'act_bits': b}}")
-            for key, value in bits.items():
-                if key not in _OVERRIDE_KEYS:
-                    raise PrunqError(f"{where}: unknown key {key!r} (expected one of {_OVERRIDE_KEYS})")
-                check_bits(value, f"{where}.{key}")
-        if self.weight_init not in WEIGHT_INITS:
-            raise PrunqError(f"quant.weight_init: {self.weight_init!r} is not one of {WEIGHT_INITS}")
-        if self.act_calibration not in CALIBRATIONS:
-            raise PrunqError(f"quant.act_calibration: {self.act_calibration!r} is not one of {CALIBRATIONS}")
-        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) or not 0 < self.percentile <= 100:
-            raise PrunqError(f"quant.percentile: {self.percentile!r} is outside (0, 100]")
-        if isinstance(self.exclude, str):
-            raise PrunqError("quant.exclude: expected a list of name patterns, got a single string")
-        if not all(isinstance(p, str) for p in self.exclude):
-            raise PrunqError("quant.exclude: every entry must be a name pattern (string)")
-        object.__setattr__(self, "exclude", tuple(self.exclude))  # a YAML list becomes a tuple
+    calib_batches: int = Field(8, ge=1)
+    finetune: TrainConfig = TrainConfig(steps=300, lr=2e-4)
 
 
 def bits_for(config: QuantConfig, name: str) -> tuple[int, int]:
@@ -89,8 +89,8 @@ def bits_for(config: QuantConfig, name: str) -> tuple[int, int]:
     wb, ab = config.weight_bits, config.act_bits
     for pattern, bits in config.overrides.items():
         if fnmatch.fnmatchcase(name, pattern):
-            wb = bits.get("weight_bits", wb)
-            ab = bits.get("act_bits", ab)
+            wb = bits.weight_bits if bits.weight_bits is not None else wb
+            ab = bits.act_bits if bits.act_bits is not None else ab
     return wb, ab
 
 
@@ -122,29 +122,80 @@ def quantizer_input(module: nn.Module) -> torch.Tensor:
     return w
 
 
+def quant_plan(model: nn.Module, config: QuantConfig) -> dict[str, dict[str, Any]]:
+    """Per layer, the quantizers :func:`prepare` will attach: ``{name: {"weight": meta | None, "act": meta |
+    None}}`` with ``meta`` = ``{"bits", "per_channel", "power_of_two"}`` — what the manifest's ``quantize``
+    transform records and :func:`prepare_layers` replays. Layers whose bits are both float are left out.
+    """
+    plan: dict[str, dict[str, Any]] = {}
+    for name, _ in compressible_layers(model, config.exclude):
+        wb, ab = bits_for(config, name)
+        w = {"bits": wb, "per_channel": config.per_channel, "power_of_two": config.power_of_two} if is_quantized(wb) else None
+        a = {"bits": ab, "power_of_two": config.power_of_two} if is_quantized(ab) else None
+        if w is not None or a is not None:
+            plan[name] = {"weight": w, "act": a}
+    return plan
+
+
 def prepare(model: nn.Module, config: QuantConfig) -> dict[str, tuple[int, int]]:
     """Attach weight and input-activation fake-quantizers to every compressible layer not excluded.
 
     Weight: a :class:`WeightQuantizer` parametrization after any mask (when weight bits <= 8).
     Input: an :class:`ActQuantizer` submodule ``input_quantizer`` plus a forward pre-hook (when
     act bits <= 8). Activation quantizers must be calibrated (:func:`calibrate`) before a forward.
-    Returns ``{layer name: (weight_bits, act_bits)}``; the structure depends only on the model's
-    structure and ``config``, so a saved ``state_dict`` loads into another prepared copy.
+    Returns ``{layer name: (weight_bits, act_bits)}`` for every compressible layer not excluded; the
+    structure depends only on the model's structure and ``config``, so a saved ``state_dict`` loads into
+    another prepared copy.
     """
-    result: dict[str, tuple[int, int]] = {}
-    for name, module in compressible_layers(model, config.exclude):
+    result = {name: bits_for(config, name) for name, _ in compressible_layers(model, config.exclude)}
+    prepare_layers(model, quant_plan(model, config), config)
+    return result
+
+
+def prepare_layers(model: nn.Module, plan: dict[str, dict[str, Any]], config: QuantConfig | None = None) -> None:
+    """Attach the quantizers of a :func:`quant_plan` (also how ``prunq.load`` replays a ``quantize``
+    transform). ``config`` supplies the initialisation and calibration options (default: the defaults;
+    a loaded state dict overrides the steps anyway)."""
+    config = config or QuantConfig()
+    modules = dict(model.named_modules())
+    shared = shared_weight_users(model)
+    made: dict[int, WeightQuantizer] = {}  # stored Parameter -> its one quantizer
+    for name, spec in plan.items():
+        module = modules.get(name)
+        if module is None or not is_compressible(module):
+            raise PrunqError(f"quant: layer {name!r} is not a compressible layer of the model")
         if weight_quantizer(module) is not None or act_quantizer(module) is not None:
             raise PrunqError(f"quant: layer {name!r} is already prepared; call unprepare(model) first")
-        wb, ab = bits_for(config, name)
-        if is_quantized(wb):
-            q = WeightQuantizer(module, wb, config.per_channel, config.weight_init, config.learn_step, config.power_of_two)
+        w, a = spec.get("weight"), spec.get("act")
+        if w is not None:
+            key = id(stored_weight(module))
+            q = made.get(key)
+            if q is None:
+                q = WeightQuantizer(
+                    module, int(w["bits"]), bool(w.get("per_channel", True)), config.weight_init, config.learn_step,
+                    bool(w.get("power_of_two", False)),
+                )  # fmt: skip
+                q.needs_init = True  # calibrate() initialises a step once, never a learned one again
+                made[key] = q
+                # A tensor shared with other modules (a tied embedding) is quantized once, consistently:
+                # every user gets this same quantizer, so all of them see Q(mask * W) and convert() bakes
+                # one grid into the one Parameter.
+                for other_name, other in shared.get(key, []):
+                    if other is module or other_name in plan:
+                        continue
+                    if tuple(other.weight.shape) != tuple(module.weight.shape):
+                        raise PrunqError(f"quant: {name!r} shares its weight with {other_name!r} in another layout")
+                    parametrize.register_parametrization(other, "weight", q)
+            elif weight_quantizer(module) is not None:
+                continue
             parametrize.register_parametrization(module, "weight", q)
-        if is_quantized(ab):
-            aq = ActQuantizer(ab, config.act_calibration, config.percentile, config.learn_step, config.power_of_two)
+        if a is not None:
+            aq = ActQuantizer(
+                int(a["bits"]), config.act_calibration, config.percentile, config.learn_step,
+                bool(a.get("power_of_two", False)),
+            )  # fmt: skip
             setattr(module, ACT_ATTR, aq.to(device=original(module).device))
             module.register_forward_pre_hook(_quantize_input)
-        result[name] = (wb, ab)
-    return result
 
 
 def quantizer_modules(model: nn.Module) -> Iterator[tuple[str, WeightQuantizer | ActQuantizer]]:
@@ -164,8 +215,14 @@ def calibrate(
     model: nn.Module,
     batches: Iterable[Any],
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    *,
+    reinit_weights: bool = False,
 ) -> None:
     """Initialise weight steps from the current weights and calibrate every activation quantizer.
+
+    A weight step is initialised once, the first time the model is calibrated after :func:`prepare`;
+    calling ``calibrate`` again (e.g. to re-range activations after QAT) keeps learned weight steps
+    unless ``reinit_weights=True``.
 
     Runs ``forward_fn(model, batch)`` (default ``model(batch)``, or ``model(*batch)`` for a tuple)
     for each batch under ``no_grad`` in eval mode, then restores each module's train/eval mode.
@@ -174,8 +231,9 @@ def calibrate(
     forward_fn = forward_fn or _default_forward
     for name, module in model.named_modules():
         wq = weight_quantizer(module) if is_compressible(module) else None
-        if wq is not None:
+        if wq is not None and (reinit_weights or getattr(wq, "needs_init", False)):
             wq.init_from(quantizer_input(module))
+            wq.needs_init = False
     acts = [(n, m) for n, m in quantizer_modules(model) if isinstance(m, ActQuantizer)]
     modes = {m: m.training for m in model.modules()}
     try:
@@ -200,6 +258,7 @@ def calibrate(
 def unprepare(model: nn.Module) -> None:
     """Remove activation quantizers, their hooks and weight-quantizer parametrizations (masks stay)."""
     for _, module in list(model.named_modules()):
+        _remove_weight_quantizer(module)  # also on a module that only shares a quantized weight
         if not is_compressible(module):
             continue
         for key, hook in list(module._forward_pre_hooks.items()):
@@ -207,7 +266,6 @@ def unprepare(model: nn.Module) -> None:
                 del module._forward_pre_hooks[key]
         if act_quantizer(module) is not None:
             delattr(module, ACT_ATTR)
-        _remove_weight_quantizer(module)
 
 
 def _remove_weight_quantizer(module: nn.Module) -> None:
@@ -218,29 +276,9 @@ def _remove_weight_quantizer(module: nn.Module) -> None:
     others = [p for p in plist if p is not wq]
     # parametrize cannot drop one entry of the list: remove all (the original Parameter object comes
     # back unchanged, so optimizers stay valid) and re-register the others (masks) in order.
-    parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+    P.remove(module, "weight", leave_parametrized=False)
     for p in others:
         parametrize.register_parametrization(module, "weight", p)
-
-
-def layer_quant(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Per compressible layer: ``weight_bits``, ``act_bits`` (32 = float), ``weight_scales`` (number
-    of weight steps), ``act_scales`` (0 or 1) and ``power_of_two`` -- the input of the cost model."""
-    out: dict[str, dict[str, Any]] = {}
-    for name, module in compressible_layers(model):
-        wq, aq = weight_quantizer(module), act_quantizer(module)
-        baked = getattr(module, CONVERTED_STEP, None) if wq is None else None  # after convert()
-        out[name] = {
-            "weight_bits": wq.bits if wq else (int(module.weight_bits) if baked is not None else 32),
-            "act_bits": aq.bits if aq else 32,
-            "weight_scales": wq.step.numel() if wq else (baked.numel() if baked is not None else 0),
-            "act_scales": 1 if aq else 0,
-            "power_of_two": bool((wq and wq.power_of_two) or (aq and aq.power_of_two)),
-        }
-    return out
-
-
-CONVERTED_STEP = "weight_step"
 
 
 @torch.no_grad()
@@ -248,26 +286,41 @@ def convert(model: nn.Module) -> nn.Module:
     """Bake masks and weight quantizers into plain weights, for inference and export (in place).
 
     Every compressed weight becomes a plain Parameter holding ``Q(mask * W)``: exact zeros where
-    pruned, every value an integer multiple of its step. The step is kept as a buffer ``weight_step``
-    (one per output channel, canonical order) with ``weight_bits`` as an attribute, so export and the
-    cost model still know the grid. Activation quantizers stay active. Irreversible.
+    pruned, every value an integer multiple of its step. The grid stays in the state dict as buffers
+    ``weight_step`` (one per output channel, canonical order) and ``weight_bits``, so ``prunq.load``, the
+    cost model and the exporters read the same record (:func:`prunq.core.records.layer_record`).
+    Activation quantizers stay active. Irreversible. A copy made with ``copy.deepcopy`` can be converted
+    without touching the original.
 
     >>> m = nn.Sequential(nn.Linear(4, 3))
     >>> _ = prepare(m, QuantConfig(weight_bits=2, act_bits=8))
     >>> calibrate(m, [torch.rand(2, 4)])
     >>> _ = convert(m)
-    >>> len(set(m[0].weight.abs().flatten().tolist()) - {0.0}) <= 3
-    True
+    >>> len(set(m[0].weight.abs().flatten().tolist()) - {0.0}) <= 3, int(m[0].weight_bits)
+    (True, 2)
     """
     for _, module in list(model.named_modules()):
-        if not is_compressible(module) or not parametrize.is_parametrized(module, "weight"):
+        if not parametrize.is_parametrized(module, "weight"):
             continue
         wq = weight_quantizer(module)
+        if wq is None and get_mask(module) is None:
+            continue  # someone else's parametrization: not ours to bake
         if wq is not None:
             step = wq.effective_step().detach().reshape(-1).clone()
             bits = wq.bits
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-        if wq is not None:
+        P.remove(module, "weight", leave_parametrized=True)
+        if wq is not None and is_compressible(module):
             module.register_buffer(CONVERTED_STEP, step)
-            module.weight_bits = bits
+            module.register_buffer(CONVERTED_BITS, torch.tensor(bits, dtype=torch.int64, device=step.device))
     return model
+
+
+def converted_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The ``weight_step`` / ``weight_bits`` buffers :func:`convert` left: ``{name: {"bits", "steps"}}``
+    (what the manifest's ``convert`` transform records so that ``prunq.load`` registers the buffers)."""
+    out = {}
+    for name, module in model.named_modules():
+        step = getattr(module, CONVERTED_STEP, None)
+        if is_compressible(module) and isinstance(step, torch.Tensor):
+            out[name] = {"bits": int(getattr(module, CONVERTED_BITS)), "steps": int(step.numel())}
+    return out

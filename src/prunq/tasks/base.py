@@ -41,6 +41,14 @@ class Task(ABC):
     def evaluate(self, model: nn.Module) -> dict[str, Any]:
         """Metrics on the test split; ``{"metric": float, ...}`` with ``metric`` the task's headline."""
 
+    def validate(self, model: nn.Module) -> dict[str, Any]:
+        """Metrics on the task's *selection* split — never the test split: what a method that selects
+        (a search over criteria, a budget tuner) and the runner's periodic logging use.
+        ``{"metric": float, ...}``. Tasks without one raise :class:`~prunq.core.errors.PrunqError`."""
+        from prunq.core.errors import PrunqError
+
+        raise PrunqError(f"task {self.name!r} has no validation split")
+
     @abstractmethod
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
         """Positional inputs for one forward at batch size 1 (used to count MACs)."""

@@ -155,10 +155,31 @@ class ClassificationTask(Task):
 
         Runs in eval mode under ``no_grad`` and restores every submodule's train/eval flag afterwards.
         """
+        return self._score(model, self.test_batches())
+
+    #: Size of the selection sample :meth:`validate` draws from the training split.
+    val_fraction: float = 0.2
+
+    def val_indices(self) -> torch.Tensor:
+        """The training images :meth:`validate` uses: a fixed, seeded sample of ``val_fraction`` of the
+        training split, stratified by nothing (the order is a permutation seeded by the task seed)."""
+        g = torch.Generator().manual_seed(mixed_seed(self.seed, 0x5E1EC7))
+        n = max(1, int(round(self.val_fraction * len(self.y_train))))
+        return torch.randperm(len(self.y_train), generator=g)[:n].sort().values
+
+    def validate(self, model: nn.Module) -> dict[str, Any]:
+        """``{"metric": top-1, "loss", "n"}`` on the selection sample of the *training* split (see
+        :meth:`val_indices`) — distinct from the test split, so a search never selects on test data.
+        It is not held out from training: it measures fit, which is what a selection between pruning
+        criteria or budgets during fine-tuning needs without shrinking the bundled training data."""
+        idx = self.val_indices()
+        return self._score(model, [(self.prepare(self.x_train[idx], False, None), self.y_train[idx])])
+
+    def _score(self, model: nn.Module, batches) -> dict[str, Any]:
         device = model_device(model)
         correct, loss_sum, n = 0, 0.0, 0
         with inference(model):
-            for x, y in self.test_batches():
+            for x, y in batches:
                 x, y = x.to(device), y.to(device)
                 logits = model(x)
                 loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
