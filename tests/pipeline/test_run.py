@@ -190,3 +190,81 @@ def test_save_and_load_a_converted_model(run, tmp_path):
     task = get_task("digits")
     assert task.evaluate(loaded)["metric"] == task.evaluate(model)["metric"]
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+class _SeqTask(prunq.Task):
+    """A tiny sequence-classification task (random features; the label is the sign of feature 0's mean)."""
+
+    name = "seq"
+    metric_name = "top1"
+    higher_is_better = True
+
+    def __init__(self, batch_first: bool) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.batch_first = batch_first
+        self.x = torch.randn(96, 6, 8, generator=g)
+        self.y = (self.x[:, :, 0].mean(1) > 0).long()
+
+    def _in(self, x):
+        return x if self.batch_first else x.transpose(0, 1)
+
+    def build_model(self, name=None, **kw):
+        raise NotImplementedError
+
+    def train_batches(self, batch_size, seed):
+        order = torch.randperm(64, generator=torch.Generator().manual_seed(seed))
+        for i in range(0, 64, batch_size):
+            idx = order[i : i + batch_size]
+            yield self.x[idx], self.y[idx]
+
+    def loss(self, model, batch):
+        return torch.nn.functional.cross_entropy(model(self._in(batch[0])), batch[1])
+
+    def evaluate(self, model):
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            acc = float((model(self._in(self.x[64:])).argmax(1) == self.y[64:]).float().mean())
+            model.train(was)
+        return {"metric": acc}
+
+    def example_inputs(self):
+        return (self._in(self.x[:1]),)
+
+
+class _SeqNet(torch.nn.Module):
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first)
+        self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.encoder(x)
+        return self.head(h.mean(1 if self.batch_first else 0))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_torch_transformer_encoder_is_pruned_quantized_and_counted(batch_first, tmp_path):
+    """Bug: MultiheadAttention's projections were never pruned, quantized or counted, and calibration failed
+    (out_proj.forward is never called). Both batch layouts, through compress, save and load."""
+    torch.manual_seed(0)
+    task = _SeqTask(batch_first)
+    model = _SeqNet(batch_first)
+    recipe = {"prune": {"sparsity": 0.5, "criterion": "magnitude", "schedule": "one_shot", "mode": "hard",
+                        "finetune": {"steps": 4}}, "quant": {"calib_batches": 2, "finetune": {"steps": 2}},
+              "task": {"batch_size": 16}}  # fmt: skip
+    res = prunq.compress(model, task, recipe, quiet=True)
+    layers = {lc["name"]: lc for lc in res.metrics["layers"]}
+    for i in (0, 1):
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            lc = layers[f"encoder.layers.{i}.self_attn.{proj}"]
+            assert lc["weight_bits"] == 4 and lc["act_bits"] == 8, (i, proj)
+            assert lc["macs"] == 6 * 8 * 8  # per example: T x out x in, whatever the layout
+            assert lc["pruned"] and lc["nonzeros"] < lc["params"]
+    assert res.metrics["dense"]["macs"] == 2 * (4 * 6 * 64 + 2 * 6 * 8 * 16) + 8 * 2
+    assert res.manifest["transforms"][0]["op"] == "decompose_attention"
+    prunq.save(res, tmp_path / "seq")
+    loaded = prunq.load(tmp_path / "seq", model=_SeqNet(batch_first))
+    assert task.evaluate(loaded)["metric"] == res.metrics["compressed"]["metric"]

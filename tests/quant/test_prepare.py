@@ -164,7 +164,13 @@ def test_qat_steps_keep_pruned_weights_zero_and_on_grid() -> None:
         w = layer.weight.detach()
         assert w[mask == 0].eq(0).all()
         wq = weight_quantizer(layer)
-        assert set(torch.unique(wq.int_weight(w)).tolist()) <= {-1, 0, 1}
+        # on the grid without clamping first: w == k * step exactly, k in {-1, 0, 1} (2-bit narrow)
+        step = wq.effective_step().reshape(-1, *([1] * (w.dim() - 1)))
+        if w.shape[0] != step.shape[0]:  # ConvTranspose: steps are per canonical output channel
+            step = step.reshape(1, -1, *([1] * (w.dim() - 2)))
+        k = torch.round(w / step)
+        assert torch.equal(k * step, w), name
+        assert set(k.unique().tolist()) <= {-1.0, 0.0, 1.0}, name
 
 
 def _state_dict_model(seed: int) -> Tiny:

@@ -390,6 +390,7 @@ def measure(
     reference: ModelCost | None = None,
     macs: dict[str, int] | None = None,
     dead_channels: bool = True,
+    batch_size: int | None = None,
 ) -> ModelCost:
     """Measure ``model`` with the cost model of METHOD.md §4.
 
@@ -404,6 +405,8 @@ def measure(
             *its* dense fp32 / int8 figures (the compressed model may have fewer parameters, e.g. after
             batch-norm folding), and this result's ``dense_*`` fields are copied from it.
         macs: precomputed :func:`count_macs` result, to skip the forward pass.
+        batch_size: examples in ``example_inputs`` (default: the first input's leading dimension; pass it
+            for a sequence-first ``(T, B, ...)`` input), see :func:`prunq.cost.macs.count_macs`.
         dead_channels: trace the model's channel graph (:class:`prunq.core.graph.ChannelGraph`) and
             charge no BOPs for weights on a dead input channel — one whose producing filters are all
             zero with no bias or BatchNorm shift (METHOD.md §4). A model fx cannot trace counts every
@@ -437,7 +440,7 @@ def measure(
     if unknown:
         raise PrunqError(f"quant: {unknown} are not measured layers (measured: {names})")
     if macs is None:
-        macs = count_macs(model, example_inputs, exclude)
+        macs = count_macs(model, example_inputs, exclude, batch_size=batch_size)
     missing = [n for n in names if n not in macs]
     if missing:
         raise PrunqError(f"macs: no MAC count for layers {missing}")

@@ -30,7 +30,8 @@ class PruneMethod(MethodBase):
 
     def attach(self, model: nn.Module, ctx: RunContext) -> None:  # noqa: D102
         cfg = self.config
-        macs = count_macs(model, ctx.example_inputs) if cfg.cost_exponent > 0 else None
+        batch = getattr(ctx.task, "example_batch_size", 1)
+        macs = count_macs(model, ctx.example_inputs, batch_size=batch) if cfg.cost_exponent > 0 else None
         self.pruner = Pruner(model, cfg, total_steps=cfg.finetune.steps, macs=macs, seed=ctx.seed)
         self.ctx = ctx
         self.model = model

@@ -132,7 +132,7 @@ def prepare_structure(model: nn.Module) -> list[Transform]:
 
 def stage_cost(model: nn.Module, task: Task, reference: C.ModelCost | None) -> C.ModelCost:
     """The cost model on ``model`` as it stands (bits from its own quantizer records)."""
-    return C.measure(model, task.example_inputs(), reference=reference)
+    return C.measure(model, task.example_inputs(), reference=reference, batch_size=task.example_batch_size)
 
 
 def _most_common(values: list[int]) -> int:
@@ -238,7 +238,7 @@ def compress(
     history.append({"stage": "dense", "step": 0, "metric": dense_metric})
     dense = StageResult("dense", dense_metric, dense_extra, transforms=structure)
     previews = stage_previews(task, model, "dense")
-    dense_cost = C.measure(model, task.example_inputs())
+    dense_cost = stage_cost(model, task, None)
     kw = dict(seed=recipe.seed, batch_size=recipe.task.batch_size, history=history, quiet=quiet,
               eval_every=recipe.eval_every)  # fmt: skip
     # Measure the model after the last pruning method, before any later method changes it.

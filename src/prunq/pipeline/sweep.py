@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 
 from prunq.core.errors import PrunqError
 from prunq.core.method import build_method
-from prunq.cost import measure as C
 from prunq.pipeline.recipes import Recipe
 from prunq.pipeline.run import (
     CompressResult, StageResult, _timing, build_metrics, evaluate_metric, make_manifest, prepare_structure,
@@ -54,7 +53,7 @@ def run_sweep(
     structure = prepare_structure(d_model)
     d_metric, d_extra = evaluate_metric(task, d_model)
     d_stage = StageResult("dense", d_metric, d_extra, transforms=structure)
-    d_cost = C.measure(d_model, task.example_inputs())
+    d_cost = stage_cost(d_model, task, None)
     d_previews = stage_previews(task, d_model, "dense")
     rows: list[dict[str, Any]] = []
     split = 1 + max(i for i, m in enumerate(recipe.methods) if build_method(m).prunes)
