@@ -19,6 +19,7 @@ from prunq.core.attention import DecomposedAttention, decompose_attention_
 from prunq.core.errors import PrunqError
 from prunq.core.layers import compressible_layers
 from prunq.cost.macs import count_attention_macs, count_macs, example_batch_size
+from prunq.cost.measure import measure
 
 WEIGHT_OPS = {"convolution", "mm", "addmm", "linear"}
 ACT_OPS = {"bmm", "baddbmm"}
@@ -265,3 +266,47 @@ def test_explicit_batch_size_wins_and_is_validated():
             count_macs(net, (torch.zeros(1, 2, 5, 5),), batch_size=bad)
     with pytest.raises(PrunqError, match="batch_size"):
         count_macs(nn.Sequential(), (3,))
+
+
+def test_conv2d_macs_on_5x5():
+    m = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Conv2d(3, 4, 3, stride=2, padding=1))
+    macs = count_macs(m, (torch.zeros(1, 2, 5, 5),))
+    # conv 0: output 3 x 3 x 3 = 27 elements, each 2 * 3 * 3 = 18 weights -> 486
+    # conv 1 on 3 x 3: stride 2, pad 1 -> 2 x 2 output, 4 channels = 16 elements * 3 * 9 = 27 -> 432
+    assert macs == {"0": 486, "1": 432}
+
+
+def test_conv_transpose_and_grouped_macs():
+    m = nn.ModuleDict(
+        {
+            "t": nn.ConvTranspose2d(2, 3, 3),  # each of 2 * 25 = 50 inputs hits 3 * 9 weights -> 1350
+            "g": nn.Conv2d(4, 6, 3, groups=2, padding=1),  # 6 * 25 = 150 outputs * (2 * 9) -> 2700
+            "gt": nn.ConvTranspose2d(4, 6, 3, groups=2),  # 100 inputs * (6 / 2) * 9 -> 2700
+        }
+    )
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = m
+
+        def forward(self, x2, x4):
+            return self.m["t"](x2), self.m["g"](x4), self.m["gt"](x4)
+
+    net = Net()
+    inputs = (torch.zeros(1, 2, 5, 5), torch.zeros(1, 4, 5, 5))
+    assert count_macs(net, inputs) == {"m.t": 1350, "m.g": 2700, "m.gt": 2700}
+    c = measure(net, inputs)
+    # canonical shapes: (out, in_per_group, k, k)
+    assert [lc.shape for lc in c.layers] == [(3, 2, 3, 3), (6, 2, 3, 3), (6, 2, 3, 3)]
+    assert c.macs == 1350 + 2700 + 2700
+
+
+def test_macs_divided_by_batch():
+    m = nn.Sequential(nn.Conv2d(2, 3, 3))
+    assert count_macs(m, (torch.zeros(4, 2, 5, 5),)) == {"0": 486}
+
+
+# ---------------------------------------------------------------------------------------------------
+# One layer, measured
+# ---------------------------------------------------------------------------------------------------

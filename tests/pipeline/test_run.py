@@ -115,45 +115,6 @@ def test_compressed_sparsity_counts_prunable_layers_only():
     assert m["compressed"]["sparsity"] == pytest.approx(0.9, abs=0.005)
 
 
-def test_fit_leaves_the_callers_rng_alone():
-    from prunq.pipeline.training import fit
-
-    task = get_task("digits")
-    model = task.build_model("digits_cnn", width=0.25)
-    torch.manual_seed(123)
-    expected = torch.rand(3)
-    torch.manual_seed(123)
-    fit(model, task, prunq.TrainConfig(steps=2), batch_size=8, seed=0, stage="t", quiet=True)
-    assert torch.equal(torch.rand(3), expected)
-
-
-def test_weight_decay_spares_steps_biases_and_norms():
-    from prunq.pipeline.training import make_optimizer
-
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Flatten(), torch.nn.Linear(2, 2))
-    prunq.prepare(model, prunq.QuantConfig())
-    opt = make_optimizer(model.named_parameters(), prunq.TrainConfig(weight_decay=0.1))
-    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
-    names = {n for n, p in model.named_parameters() if id(p) in decayed}
-    assert names == {"0.parametrizations.weight.original", "3.parametrizations.weight.original"}
-
-
-def test_loss_terms_are_added_and_logged():
-    from prunq.pipeline.training import fit
-
-    task = get_task("digits")
-    model = task.build_model("digits_cnn", width=0.25)
-    seen = []
-
-    def l1(m):
-        t = 1e-3 * sum(p.abs().sum() for p in m.parameters())
-        seen.append(float(t))
-        return {"l1": t}
-
-    hist = fit(model, task, prunq.TrainConfig(steps=3), batch_size=8, seed=0, stage="t", quiet=True, loss_terms=l1)
-    assert len(seen) == 3 and hist[0]["l1"] == pytest.approx(seen[0])
-
-
 def test_convert_bakes_a_plain_model_with_the_same_outputs(run):
     _, res = run
     model = copy.deepcopy(res.model).eval()

@@ -1,4 +1,4 @@
-"""Reports, plots and atomic writes: prunq.report.report, prunq.report.plots, prunq.fsutil."""
+"""Reports and sweep tables (prunq.report.report); plots and atomic writes have their own test modules."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from prunq.core.errors import PrunqError
-from prunq.report.fsutil import atomic_dir, atomic_write_bytes, atomic_write_text
-from prunq.report.plots import format_metric, pareto_front, run_label
+from prunq.report.plots import format_metric, run_label
 from prunq.report.report import load_metrics, render_report, render_sweep, summary_line
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -67,36 +66,6 @@ def _write_run(tmp_path: Path, metrics: dict, recipe: str | None = "task: digits
     if recipe is not None:
         (run / "recipe.yaml").write_text(recipe)
     return run
-
-
-# --------------------------------------------------------------------------------------------------
-# pareto_front
-# --------------------------------------------------------------------------------------------------
-
-
-def _pts(pairs):
-    return [{"bops": x, "metric": y} for x, y in pairs]
-
-
-def test_pareto_front_higher_is_better():
-    rows = _pts([(10, 0.90), (20, 0.95), (30, 0.93), (5, 0.80), (40, 0.99), (25, 0.95)])
-    # (30, .93) is beaten by (20, .95); (25, .95) ties on metric but costs more than (20, .95).
-    assert pareto_front(rows, "bops", "metric", True) == [3, 0, 1, 4]
-
-
-def test_pareto_front_lower_is_better():
-    rows = _pts([(10, 2.0), (20, 1.5), (30, 1.8), (5, 3.0), (40, 1.0)])
-    assert pareto_front(rows, "bops", "metric", False) == [3, 0, 1, 4]
-    # flipping the direction: only the cheapest survives when it is also the best
-    assert pareto_front(_pts([(1, 1.0), (2, 2.0)]), "bops", "metric", False) == [0]
-    assert pareto_front(_pts([(1, 1.0), (2, 2.0)]), "bops", "metric", True) == [0, 1]
-
-
-def test_pareto_front_ties_and_missing():
-    # exact duplicates are both optimal; same x with worse y is dominated; same y with more x too
-    rows = _pts([(10, 0.9), (10, 0.9), (10, 0.8), (12, 0.9), (None, 1.0), (8, float("nan"))])
-    assert pareto_front(rows, "bops", "metric", True) == [0, 1]
-    assert pareto_front([], "bops", "metric", True) == []
 
 
 # --------------------------------------------------------------------------------------------------
@@ -239,61 +208,6 @@ def test_render_sweep_lower_is_better_marks(tmp_path):
     with open(tmp_path / "sweep.csv", newline="") as fh:
         flags = {r["run"]: r["pareto_bops"] for r in csv.DictReader(fh)}
     assert flags == {"a": "1", "b": "1", "c": "0"}
-
-
-# --------------------------------------------------------------------------------------------------
-# fsutil
-# --------------------------------------------------------------------------------------------------
-
-
-def test_atomic_dir_success_and_overwrite(tmp_path):
-    final = tmp_path / "out" / "run"
-    with atomic_dir(final, overwrite=False) as tmp:
-        assert tmp.parent == final.parent and tmp != final
-        assert not final.exists()
-        (tmp / "a.txt").write_text("new")
-    assert (final / "a.txt").read_text() == "new"
-
-    with pytest.raises(PrunqError, match=r"--out: .*run exists; pass --overwrite to replace it"):
-        atomic_dir(final, overwrite=False)  # refused before any work, at construction
-    with pytest.raises(PrunqError):
-        with atomic_dir(final):
-            pytest.fail("body must not run")
-
-    with atomic_dir(final, overwrite=True) as tmp:
-        (tmp / "b.txt").write_text("newer")
-        assert (final / "a.txt").exists()  # the old run stays until the new one is complete
-    assert sorted(p.name for p in final.iterdir()) == ["b.txt"]
-    assert sorted(p.name for p in final.parent.iterdir()) == ["run"]
-
-
-def test_atomic_dir_exception_leaves_nothing(tmp_path):
-    final = tmp_path / "run"
-    with pytest.raises(RuntimeError, match="diverged"):
-        with atomic_dir(final, overwrite=False) as tmp:
-            (tmp / "model.safetensors").write_bytes(b"half")
-            raise RuntimeError("diverged")
-    assert list(tmp_path.iterdir()) == []
-
-    final.mkdir()
-    (final / "old.txt").write_text("old")
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_dir(final, overwrite=True) as tmp:
-            (tmp / "new.txt").write_text("x")
-            raise KeyboardInterrupt
-    assert [p.name for p in tmp_path.iterdir()] == ["run"]
-    assert [p.name for p in final.iterdir()] == ["old.txt"]
-
-
-def test_atomic_write(tmp_path):
-    p = atomic_write_text(tmp_path / "sub" / "r.md", "héllo\n")
-    assert p.read_bytes() == "héllo\n".encode()
-    atomic_write_bytes(p, b"\x00")
-    assert p.read_bytes() == b"\x00"
-    with pytest.raises(TypeError):
-        atomic_write_bytes(p, "not bytes")  # type: ignore[arg-type]
-    assert p.read_bytes() == b"\x00"
-    assert [q.name for q in p.parent.iterdir()] == ["r.md"]
 
 
 def test_no_heavy_imports():

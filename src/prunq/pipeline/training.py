@@ -40,7 +40,8 @@ def make_optimizer(named_params, spec) -> torch.optim.Optimizer:
     groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     if spec.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=True)
+        # Nesterov needs momentum; with momentum 0 it is plain SGD.
+        return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.momentum > 0)
     if spec.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=spec.lr)
     return torch.optim.Adam(groups, lr=spec.lr)

@@ -20,7 +20,6 @@ from prunq.tasks.classification.cifar import (
     RestrictedUnpickler,
     load_cifar10,
 )
-from prunq.tasks.classification.common import random_crop, random_hflip
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x_train, y_train, x_test, y_test (flat)
 
@@ -159,19 +158,6 @@ def test_augmentation_seeded_and_only_for_training(tmp_path: Path) -> None:
     assert torch.equal(yp, ya) and xa.shape == xp.shape and not torch.equal(xa, xp)
     assert torch.equal(xa, next(iter(aug.train_batches(40, 1)))[0])
     assert torch.equal(plain.example_inputs()[0], aug.example_inputs()[0])
-
-
-def test_random_crop_and_flip_by_hand() -> None:
-    g = torch.Generator().manual_seed(0)
-    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6) + 1
-    out = random_crop(x, 2, g)
-    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
-    for i in range(2):  # each sample is one window of its zero-padded image, all channels alike
-        windows = [padded[i, :, r : r + 6, c : c + 6] for r in range(5) for c in range(5)]
-        assert any(torch.equal(out[i], w) for w in windows)
-    flipped = random_hflip(x, g)
-    for i in range(2):
-        assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(-1))
 
 
 def test_limit_and_evaluate(tmp_path: Path) -> None:

@@ -9,28 +9,9 @@ import pytest
 import torch
 
 from prunq.core.errors import PrunqError
-from prunq.tasks.stereo.surfaces import (
-    Ellipse,
-    Everywhere,
-    ImageTexture,
-    PatternTexture,
-    Polygon,
-    Surface,
-    render_surfaces,
-)
 from prunq.tasks.stereo.synthetic import SyntheticStereo, photometric_jitter, render, render_scene
 
-
-def _warp_right(right: np.ndarray, disp: np.ndarray) -> np.ndarray:
-    """Right view bilinearly sampled at (y, x - disp[y, x]) -- written independently of the renderer."""
-    _, H, W = right.shape
-    xr = np.arange(W, dtype=np.float64)[None, :] - disp.astype(np.float64)
-    i = np.floor(xr).astype(np.int64)
-    f = xr - i
-    y = np.arange(H)[:, None]
-    r0 = right[:, y, np.clip(i, 0, W - 1)]
-    r1 = right[:, y, np.clip(i + 1, 0, W - 1)]
-    return (1.0 - f) * r0 + f * r1
+from tests.tasks.stereo.test_surfaces import _warp_right  # the independent check of the rendering geometry
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 11])
@@ -58,69 +39,6 @@ def test_right_disparity_is_consistent_with_the_left():
     dl, dr = s.disp.numpy().astype(np.float64), s.disp_right.numpy().astype(np.float64)
     ok = s.nonoccluded.numpy()
     assert np.abs(_warp_right(dr[None], dl)[0] - dl)[ok].max() < 2e-5
-
-
-def _stripes(c0: float, c1: float, period: float) -> PatternTexture:
-    return PatternTexture("stripes", (c0, c0, c0), (c1, c1, c1), period=period, angle=0.3)
-
-
-def test_a_near_square_hides_the_background_behind_it():
-    # Background at d = 4, a square over x in [20, 40], y in [4, 12] at d = 20, listed FIRST so that
-    # list order cannot be what decides visibility (the z-buffer must).
-    H, W = 16, 64
-    square = Polygon(((19.5, 3.5), (40.5, 3.5), (40.5, 12.5), (19.5, 12.5)))
-    s = render_surfaces(
-        [
-            Surface((20.0, 0.0, 0.0), square, _stripes(0.0, 0.4, 5.0)),
-            Surface((4.0, 0.0, 0.0), Everywhere(), _stripes(0.6, 1.0, 7.0)),
-        ],
-        H,
-        W,
-    )
-    left, right, disp, ok = s.left.numpy(), s.right.numpy(), s.disp.numpy(), s.nonoccluded.numpy()
-    in_sq = np.zeros((H, W), dtype=bool)
-    in_sq[4:13, 20:41] = True
-    assert np.array_equal(disp, np.where(in_sq, 20.0, 4.0).astype(np.float32))
-    # The square's right image is its left image moved by 20 px; its colours are the dark ones.
-    assert np.allclose(right[:, 4:13, 0:21], left[:, 4:13, 20:41], atol=1e-6)
-    assert right[:, 4:13, 0:21].max() <= 0.4 + 1e-6 and right[:, 4:13, 21:].min() >= 0.6 - 1e-6
-    # Expected occlusion, worked out: background pixel x maps to right column x - 4; the square covers
-    # right columns 0..20 in rows 4..12, so background x in [4, 19] there is hidden (x in [20, 24]
-    # is the square itself); x < 4 falls off the right image in every row.
-    expect = np.ones((H, W), dtype=bool)
-    expect[:, :4] = False
-    expect[4:13, 4:20] = False
-    assert np.array_equal(ok, expect)
-    # The visible background really is the right view warped back.
-    assert np.abs(_warp_right(right, disp) - left).max(axis=0)[ok].max() < 1e-6
-
-
-def test_slanted_surfaces_and_image_textures_render_exactly():
-    # Sub-pixel, slanted planes with an ellipse in front; an image texture for the background.
-    rng = np.random.default_rng(0)
-    img = torch.from_numpy(rng.uniform(0, 1, (3, 20, 20)).astype(np.float32))
-    bg = Surface((3.0, 0.02, 0.05), Everywhere(), ImageTexture(img, (0.4, 0.1, 0.0, -0.1, 0.4, 0.0)))
-    fg = Surface((12.3, -0.1, 0.03), Ellipse(40.0, 16.0, 14.0, 9.0, 0.5), _stripes(0.1, 0.9, 4.5))
-    s = render_surfaces([bg, fg], 32, 80)
-    ok = s.nonoccluded.numpy()
-    err = np.abs(_warp_right(s.right.numpy(), s.disp.numpy()) - s.left.numpy()).max(axis=0)
-    assert err[ok].max() < 1e-6
-    assert ok.mean() > 0.7
-    assert s.disp[16, 40].item() == pytest.approx(12.3 - 0.1 * 40 + 0.03 * 16, abs=1e-5)
-
-
-def test_polygon_even_odd_rule_on_hand_points():
-    tri = Polygon(((0.0, 0.0), (10.0, 0.0), (0.0, 10.0)))
-    x = np.array([1.0, 6.0, 4.0, -1.0, 4.9])
-    y = np.array([1.0, 6.0, 4.0, 1.0, 5.0])
-    assert tri.inside(x, y).tolist() == [True, False, True, False, True]  # x + y < 10 inside
-
-
-def test_uncovered_pixels_and_folding_planes_are_refused():
-    with pytest.raises(PrunqError, match="covered by no surface"):
-        render_surfaces([Surface((5.0, 0.0, 0.0), Ellipse(8, 8, 3, 3), _stripes(0, 1, 4))], 16, 32)
-    with pytest.raises(PrunqError, match="disparity"):
-        Surface((5.0, 1.0, 0.0), Everywhere(), _stripes(0, 1, 4))
 
 
 def test_same_seed_same_scene_other_seed_other_scene():

@@ -9,6 +9,7 @@ pipeline never has to look inside a batch.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -24,9 +25,18 @@ from prunq.tasks.classification import models
 __all__ = ["ClassificationTask", "random_crop", "random_hflip", "model_device", "mixed_seed"]
 
 
+def _word(s: int) -> int:
+    # One 32-bit word per seed: numpy's SeedSequence splits a larger integer into several words and pads
+    # the stream with zeros, so (2**32, 0) would mix like (0, 1). A seed outside [0, 2**32) is hashed to
+    # one word instead (seeds inside keep their value, so existing runs reproduce).
+    if 0 <= s < 2**32:
+        return s
+    return int.from_bytes(hashlib.blake2b(s.to_bytes(32, "little", signed=True), digest_size=4).digest(), "little")
+
+
 def mixed_seed(*seeds: int) -> int:
     """One 63-bit seed from several integers (no collisions in practice, unlike ``a * K + b``)."""
-    entropy = [int(s) % 2**64 for s in seeds]  # SeedSequence refuses negative integers
+    entropy = [_word(int(s)) for s in seeds]
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
 
 

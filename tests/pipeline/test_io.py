@@ -1,0 +1,133 @@
+"""Saving and loading runs (prunq.pipeline.io): safetensors + model.json, replayed in order, errors naming the
+file. Tiny hand-made models and manifests; the end-to-end round trip of a real compressed run is in test_run.py
+(it shares that module's compressed model)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+import prunq
+from prunq.core.errors import PrunqError
+from prunq.pipeline.io import MANIFEST_FILE, MODEL_FILE, load, load_state, read_manifest, save, save_tensors
+from prunq.prune import masks as M
+from prunq.tasks import build_model
+
+USER = {"origin": "user", "class": "Sequential"}
+
+
+def _masked_linear() -> nn.Sequential:
+    """Linear(4, 3) with a hard mask keeping 5 of its 12 weights."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 3))
+    M.attach_mask(model[0])
+    M.set_mask(model[0], torch.tensor([[1, 0, 0, 1], [0, 1, 0, 0], [1, 0, 0, 1]]))
+    return model
+
+
+def _manifest(*transforms: dict, model: dict | None = None) -> dict:
+    return {"format": 2, "prunq_version": prunq.__version__, "model": model or USER, "transforms": list(transforms)}
+
+
+def test_save_and_load_a_masked_user_model(tmp_path):
+    model = _masked_linear()
+    manifest = _manifest({"op": "mask", "layers": ["0"]})
+    out = save(SimpleNamespace(model=model, manifest=manifest, metrics={"metric": 0.5}), tmp_path / "a" / "run")
+    assert out == tmp_path / "a" / "run"  # parents are created
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", MANIFEST_FILE, MODEL_FILE]
+    assert json.loads((out / "metrics.json").read_text()) == {"metric": 0.5}
+    assert json.loads((out / MANIFEST_FILE).read_text()) == manifest
+    with safe_open(str(out / MODEL_FILE), "pt") as f:  # the full state dict: shadow weights, mask, bias
+        assert f.metadata() == {"format": "prunq", "version": "2"}
+        assert set(f.keys()) == {"0.bias", "0.parametrizations.weight.original", "0.parametrizations.weight.0.mask"}
+
+    with pytest.raises(PrunqError, match=r"your own model \(Sequential\); pass a fresh instance"):
+        load(out)
+    loaded = load(out, model=nn.Sequential(nn.Linear(4, 3)).train())
+    assert not loaded.training
+    mask = M.get_mask(loaded[0])
+    assert mask is not None and not mask.soft  # replayed as a hard mask, values from the state dict
+    assert int(mask.mask.sum()) == 5 and int((loaded[0].weight != 0).sum()) == 5
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+def test_a_model_converted_after_the_run_is_recorded_and_loads(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 3))
+    prunq.prepare(model, prunq.QuantConfig(weight_bits=4, act_bits=8))
+    prunq.calibrate(model, [torch.rand(8, 4)])
+    plan = {"0": {"weight": {"bits": 4, "per_channel": True, "power_of_two": False},
+                  "act": {"bits": 8, "power_of_two": False}}}  # fmt: skip
+    prunq.convert(model)
+    manifest = _manifest({"op": "quantize", "layers": plan})
+    out = save((model, manifest), tmp_path)
+    recorded = json.loads((out / MANIFEST_FILE).read_text())["transforms"]
+    assert recorded[-1] == {"op": "convert", "layers": {"0": {"bits": 4, "steps": 3}}}  # 3 output channels
+    assert len(manifest["transforms"]) == 1  # the caller's manifest is not changed
+    assert not (out / "metrics.json").exists()  # a (model, manifest) pair has no metrics
+    loaded = load(out, model=nn.Sequential(nn.Linear(4, 3)))
+    x = torch.rand(5, 4)
+    assert torch.equal(loaded(x), model.eval()(x))
+    assert int(loaded[0].weight_bits) == 4 and not hasattr(loaded[0], "parametrizations")
+
+
+def test_a_zoo_model_is_rebuilt_from_the_manifest(tmp_path):
+    spec = {"origin": "zoo", "task": "digits", "name": "digits_cnn", "kwargs": {"width": 0.25}}
+    model = build_model("digits", "digits_cnn", width=0.25)  # the zoo, without the task's data
+    save((model, _manifest(model=spec)), tmp_path / "z")
+    loaded = load(tmp_path / "z")
+    assert type(loaded).__name__ == "DigitsCNN" and loaded.features.conv1.out_channels == 8
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    bad = {**spec, "kwargs": {"depth": 3}}
+    (tmp_path / "z" / MANIFEST_FILE).write_text(json.dumps(_manifest(model=bad)))
+    with pytest.raises(PrunqError, match="depth"):
+        load(tmp_path / "z")
+
+
+def test_a_checkpoint_that_does_not_fit_names_the_file(tmp_path):
+    save((nn.Sequential(nn.Linear(4, 3)), _manifest()), tmp_path / "r")
+    with pytest.raises(PrunqError, match=rf"{MODEL_FILE}: does not match the model"):
+        load(tmp_path / "r", model=nn.Sequential(nn.Linear(4, 2)))
+    # a transform naming a layer the model lacks is refused by the replay, before any weight is read
+    (tmp_path / "r" / MANIFEST_FILE).write_text(json.dumps(_manifest({"op": "mask", "layers": ["fc"]})))
+    with pytest.raises(PrunqError, match=r"transforms\[0\] \(mask\)"):
+        load(tmp_path / "r", model=nn.Sequential(nn.Linear(4, 3)))
+
+
+def test_load_state_errors(tmp_path):
+    with pytest.raises(PrunqError, match="nope.safetensors: checkpoint not found"):
+        load_state(tmp_path / "nope.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(PrunqError, match="bad.safetensors: not a readable safetensors checkpoint"):
+        load_state(tmp_path / "bad.safetensors")
+    x = torch.arange(6.0, requires_grad=True).reshape(2, 3).t()  # not contiguous, needs grad
+    save_tensors(tmp_path / "t.safetensors", {"x": x})
+    assert torch.equal(load_state(tmp_path / "t.safetensors")["x"], x.detach())
+
+
+def test_read_manifest_errors_and_format_1(tmp_path):
+    with pytest.raises(PrunqError, match="run directory not found"):
+        read_manifest(tmp_path / "missing")
+    with pytest.raises(PrunqError, match=r"model.json: missing \(is .* a prunq run directory\?\)"):
+        read_manifest(tmp_path)
+    p = tmp_path / MANIFEST_FILE
+    p.write_text("{")
+    with pytest.raises(PrunqError, match="not valid JSON"):
+        read_manifest(tmp_path)
+    p.write_text("[]")
+    with pytest.raises(PrunqError, match="expected a JSON object"):
+        read_manifest(tmp_path)
+    p.write_text(json.dumps({"format": 2, "model": USER}))
+    with pytest.raises(PrunqError, match="'transforms' list"):
+        read_manifest(tmp_path)
+    # format 1 (masked / folded / one quant config) reads as the equivalent transform log
+    old = {"model": {"task": "digits", "name": "digits_cnn"}, "masked": ["a"], "folded": [], "quant": None}
+    p.write_text(json.dumps(old))
+    assert read_manifest(tmp_path) == {
+        "format": 2, "prunq_version": None, "model": {"task": "digits", "name": "digits_cnn", "origin": "zoo"},
+        "transforms": [{"op": "mask", "layers": ["a"]}],
+    }  # fmt: skip
