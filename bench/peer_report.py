@@ -280,16 +280,25 @@ def evidence_lines(res: dict) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def _method_section(rr: dict, key: str, kind: str) -> dict:
+    """A resolved recipe's method config: ``methods: [...]`` (by ``kind``), or the ``prune:``/``quant:``
+    sections of results written before recipes took a method list."""
+    if key in rr:
+        return rr[key]
+    return next(m for m in rr["methods"] if m.get("kind") == kind)
+
+
 def summarize(res: dict) -> str:
     rr = res["recipe_resolved"]
+    rp, rq = _method_section(rr, "prune", "prune"), _method_section(rr, "quant", "quantize")
     d = res["dense"]
     pts = sum(1 for r in res["rows"] if r["tool"] == "prunq")
     lines = [
         f"# prunq vs peers: {res['task']}", "",
         *[f"`python bench/peers.py {' '.join(a)}`" for a in res["commands"]], "",
         f"One dense model ({d['params']:,} parameters, {d['source']}), then every tool gets the same budget: "
-        f"{rr['prune']['finetune']['steps']} pruning fine-tuning steps and {rr['quant']['finetune']['steps']} "
-        f"quantization steps ({rr['prune']['finetune']['optimizer']}, the task recipe's learning rates and batches"
+        f"{rp['finetune']['steps']} pruning fine-tuning steps and {rq['finetune']['steps']} "
+        f"quantization steps ({rp['finetune']['optimizer']}, the task recipe's learning rates and batches"
         + (f"; every point run with {len(res['seeds'])} fine-tuning seeds, their mean shown with the range in "
            "brackets" if len(res.get("seeds", [0])) > 1 else "; one fine-tuning seed") + "). "
         "Sparsity, memory and BOPs are prunq's cost model on each tool's effective weights (sparsity against the "

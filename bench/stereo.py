@@ -169,10 +169,19 @@ def _rel(v: float, ref: float) -> str:
     return f"{100 * (v / ref - 1):+.1f} %"
 
 
+def _method_section(rr: dict, key: str, kind: str) -> dict:
+    """A resolved recipe's method config: ``methods: [...]`` (by ``kind``), or the ``prune:``/``quant:``
+    sections of results written before recipes took a method list."""
+    if key in rr:
+        return rr[key]
+    return next(m for m in rr["methods"] if m.get("kind") == kind)
+
+
 def summarize(res: dict) -> str:
     d = res["dense"]
     dv, dm = d["extra"]["val"], d["extra"].get("middlebury", {})
     rr = res["recipe_resolved"]
+    rp, rq = _method_section(rr, "prune", "prune"), _method_section(rr, "quant", "quantize")
     lines = [
         "# Stereo benchmark", "",
         *[f"`python bench/stereo.py {' '.join(a)}`" for a in res.get("commands", [sys.argv[1:]])], "",
@@ -183,8 +192,8 @@ def summarize(res: dict) -> str:
            f"{res['dense']['seconds'] / 60:.1f} min)" if d.get("source", "trained") == "trained"
            else f"loaded from `{d['source']}`")
         + "; every point "
-        f"then gets the recipe's budget: {rr['prune']['finetune']['steps']} pruning steps (schedule "
-        f"{rr['prune']['schedule']}) and {rr['quant']['finetune']['steps']} quantization-aware steps. "
+        f"then gets the recipe's budget: {rp['finetune']['steps']} pruning steps (schedule "
+        f"{rp['schedule']}) and {rq['finetune']['steps']} quantization-aware steps. "
         f"`val` = {rr['task']['options'].get('n_val', 32)} synthetic validation scenes; `middlebury` = the "
         "motorcycle pair at full size (500x741). EPE in px (lower is better), D1 = error > 3 px and > 5 %. "
         "Ratios against dense fp32 (prunq's cost model).", "",
