@@ -81,3 +81,25 @@ def test_a_shared_weight_is_stored_once():
     cost = measure(m, (torch.zeros(1, 4),))
     assert cost.macs == 32 and cost.prunable_params == 16
     assert cost.memory_bits == 16 * 32
+
+
+def test_a_shared_weight_keeps_each_users_own_bias():
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    b.weight = a.weight
+    cost = measure(nn.Sequential(a, b), (torch.zeros(1, 4),))
+    assert cost.params == 16 + 4 + 4  # one weight, two biases
+    assert cost.memory_bits == 32 * (16 + 4 + 4)
+
+
+def test_sparsity_after_convert_still_counts_prunable_layers_only():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    attach_mask(m[0])
+    mask = torch.ones(8, 8)
+    mask[:, :6] = 0
+    set_mask(m[0], mask)  # layer 0 pruned to 75 %, layer 2 left alone (excluded)
+    prunq.prepare(m, prunq.QuantConfig(weight_bits=8, act_bits=8))
+    prunq.calibrate(m, [torch.rand(4, 8)])
+    before = measure(m, (torch.zeros(1, 8),)).sparsity
+    prunq.convert(m)
+    assert before == measure(m, (torch.zeros(1, 8),)).sparsity == 0.75

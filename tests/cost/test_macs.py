@@ -310,3 +310,19 @@ def test_macs_divided_by_batch():
 # ---------------------------------------------------------------------------------------------------
 # One layer, measured
 # ---------------------------------------------------------------------------------------------------
+
+
+def test_a_conditioning_vector_does_not_make_every_layer_count_the_batch():
+    """Review: one Linear on a vector made count_macs divide every layer by 1."""
+
+    class Film(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.film = nn.Linear(16, 32)
+            self.body = nn.Linear(32, 32)
+
+        def forward(self, x):
+            return self.body(x) * self.film(torch.ones(16))
+
+    for b in (1, 4):
+        assert count_macs(Film(), (torch.zeros(b, 32),)) == {"film": 512 // b, "body": 1024}

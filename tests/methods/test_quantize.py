@@ -73,8 +73,8 @@ def test_replaying_fold_and_quantize_gives_the_same_layers(digits, quantized):
     replayed = replay(_model(digits, seed=5), log)
     assert _bits(replayed) == BITS
     quantizers = [weight_quantizer(m) for n, m in replayed.named_modules() if n in BITS]
-    assert not any(q.needs_init for q in quantizers)  # the steps come from the state dict, never from calibration
     replayed.load_state_dict(model.state_dict(), strict=True)
+    assert not any(q.needs_init for q in quantizers)  # loaded steps are never re-initialised by calibration
     x = digits.x_test[:32]
     assert torch.equal(replayed.eval()(x), model.eval()(x))
 

@@ -131,3 +131,29 @@ def test_read_manifest_errors_and_format_1(tmp_path):
         "format": 2, "prunq_version": None, "model": {"task": "digits", "name": "digits_cnn", "origin": "zoo"},
         "transforms": [{"op": "mask", "layers": ["a"]}],
     }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "manifest, message",
+    [
+        ({"format": 2, "model": {"origin": "zoo", "name": "digits_cnn"}, "transforms": []}, "model.task: expected a name"),
+        ({"format": 2, "model": [1], "transforms": []}, "model: expected a mapping"),
+        ({"format": 1, "model": {}, "masked": 5, "folded": [], "quant": None}, "masked: expected a list"),
+        ({"format": 1, "model": {}, "masked": [], "folded": [1], "quant": None}, "folded: expected a list"),
+        ({"format": 1, "model": {}, "masked": [], "folded": [], "quant": [1, 2]}, "quant: expected a mapping"),
+        ({"format": True, "model": {}, "transforms": []}, "unknown manifest format True"),
+    ],
+)  # fmt: skip
+def test_crafted_manifests_are_one_line_errors(tmp_path, manifest, message):
+    import json as _json
+
+    (tmp_path / "model.json").write_text(_json.dumps(manifest))
+    with pytest.raises(PrunqError) as e:
+        prunq.load(tmp_path)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_deeply_nested_json_is_a_one_line_error(tmp_path):
+    (tmp_path / "model.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(PrunqError, match="not valid JSON"):
+        prunq.load(tmp_path)

@@ -88,3 +88,29 @@ def test_with_addresses_methods_by_kind_and_position():
     for bad in ("quant.nope.x", "gates.beta", "methods.7.sparsity"):
         with pytest.raises(KeyError):
             r.with_(**{bad: 1})
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"methods": [{"kind": "quantize"}, {"kind": "prune"}]}, "methods.1: prune must come before quantize"),
+        ({"prune": {"granularity": "2:4", "min_density": 0.5}}, "min_density: do not apply with N:M"),
+        ({"prune": {"granularity": "2:4", "allocation": "layer"}}, "allocation: do not apply with N:M"),
+        ({"prune": {"sparsity": False}}, "prune.sparsity: Input should be a valid number"),
+        ({"prune": {"sparsity": "0.5"}}, "prune.sparsity: Input should be a valid number"),
+    ],
+)  # fmt: skip
+def test_review_findings_are_refused_when_the_recipe_is_read(data, message):
+    with pytest.raises(PrunqError, match=message):
+        parse_recipe(data)
+
+
+def test_quant_enabled_through_with_and_the_schema_is_a_discriminated_union():
+    r = Recipe()
+    assert [m.kind for m in r.with_(**{"quant.enabled": False}).methods] == ["prune"]
+    back = r.with_(**{"prune.enabled": False}).with_(**{"prune.enabled": True})
+    assert [m.kind for m in back.methods] == ["prune", "quantize"]  # a prune method goes before quantize
+    assert Recipe.parse({"prune": {"sparsity": 0.5}}).prune.sparsity == 0.5  # shorthand via Recipe.parse too
+    items = Recipe.json_schema()["properties"]["methods"]["items"]
+    assert items["discriminator"]["propertyName"] == "kind"
+    assert {"prune", "quantize"} <= set(items["discriminator"]["mapping"])

@@ -163,6 +163,7 @@ class _SeqTask(prunq.Task):
     def __init__(self, batch_first: bool) -> None:
         g = torch.Generator().manual_seed(0)
         self.batch_first = batch_first
+        self.example_batch_size = None if batch_first else 1  # sequence-first: (T, B, D), dim 0 is not B
         self.x = torch.randn(96, 6, 8, generator=g)
         self.y = (self.x[:, :, 0].mean(1) > 0).long()
 
@@ -229,3 +230,18 @@ def test_torch_transformer_encoder_is_pruned_quantized_and_counted(batch_first, 
     prunq.save(res, tmp_path / "seq")
     loaded = prunq.load(tmp_path / "seq", model=_SeqNet(batch_first))
     assert task.evaluate(loaded)["metric"] == res.metrics["compressed"]["metric"]
+
+
+def test_eval_every_without_a_validation_split_fails_before_training():
+    class NoVal(_SeqTask):  # a task without a selection split
+        validate = prunq.Task.validate
+
+    with pytest.raises(prunq.PrunqError, match="eval_every: task 'seq' has no validation split"):
+        prunq.compress(_SeqNet(True), NoVal(True), {"eval_every": 5}, quiet=True)
+
+
+def test_two_methods_of_one_stage_name_add_up_their_time():
+    from prunq.pipeline.run import StageResult, _timing
+
+    t = _timing([StageResult("prune", 0.0, seconds=1.5), StageResult("prune", 0.0, seconds=0.5)], 3.0)
+    assert t["prune_s"] == 2.0 and t["total_s"] == 3.0

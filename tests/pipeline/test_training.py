@@ -42,7 +42,7 @@ def test_loss_terms_are_added_and_logged():
 
     def l1(m):
         t = 1e-3 * sum(p.abs().sum() for p in m.parameters())
-        seen.append(float(t))
+        seen.append(float(t.detach()))
         return {"l1": t}
 
     hist = fit(model, task, prunq.TrainConfig(steps=3), batch_size=8, seed=0, stage="t", quiet=True, loss_terms=l1)

@@ -1,7 +1,9 @@
-"""ActQuantizer: calibration (signed/unsigned; percentile, max, MSE on hand-made tensors), the fused
-LSQ forward against the composed reference, state-dict round trip."""
+"""ActQuantizer: calibration (signed/unsigned; percentile, max, MSE on hand-made tensors), the fast
+LSQ forward against the composed reference (values bit for bit, gradients), QParams, state-dict round trip."""
 
 from __future__ import annotations
+
+import doctest
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from hypothesis import strategies as st
 
 import prunq.quant.act as act_module
 from prunq.core.errors import PrunqError
+from prunq.core.qparams import QParams
 from prunq.quant.act import ActQuantizer
 
 
@@ -100,34 +103,52 @@ def test_bad_arguments() -> None:
         ActQuantizer(bits=8, calibration="entropy")
     with pytest.raises(PrunqError, match="percentile=0"):
         ActQuantizer(bits=8, percentile=0)
+    with pytest.raises(PrunqError, match="impl='fused'"):
+        ActQuantizer(bits=8, impl="fused")
 
 
-@settings(max_examples=30, deadline=None)
+def _run(q: ActQuantizer, x: torch.Tensor, upstream: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    xi = x.detach().clone().requires_grad_(True)
+    q.step.grad = None
+    y = q(xi)
+    y.backward(upstream)
+    return y.detach(), xi.grad, q.step.grad.clone()
+
+
+@settings(max_examples=40, deadline=None)
 @given(
-    bits=st.integers(2, 8),
-    shift=st.sampled_from([0.0, -0.5]),
+    bits=st.sampled_from([2, 3, 4, 8]),
+    shift=st.sampled_from([0.0, -0.5]),  # non-negative input -> unsigned grid; shifted -> signed
     seed=st.integers(0, 2**16),
     pow2=st.booleans(),
+    shape=st.sampled_from([(4, 3, 5), (2, 3, 6, 5), (8,)]),
+    channels_last=st.booleans(),
 )
-def test_fused_forward_matches_composed_reference(bits: int, shift: float, seed: int, pow2: bool) -> None:
+def test_auto_forward_matches_composed_reference(
+    bits: int, shift: float, seed: int, pow2: bool, shape: tuple, channels_last: bool
+) -> None:
     torch.manual_seed(seed)
-    x = torch.rand(4, 3, 5) + shift
+    x = torch.rand(shape) + shift
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
     q = calibrated(x, bits=bits, calibration="max", power_of_two=pow2)
+    ref = ActQuantizer(bits=bits, calibration="max", power_of_two=pow2, impl="reference")
     with torch.no_grad():
         q.step.mul_(0.7)  # make some inputs clip
-    grads = []
-    for path in ("fused", "reference"):
-        xi = x.clone().requires_grad_(True)
-        q.step.grad = None
-        y = q(xi) if path == "fused" else q.reference_forward(xi)
-        (y * torch.linspace(-1, 2, y.numel()).view_as(y)).sum().backward()
-        grads.append((y.detach(), xi.grad, q.step.grad.clone()))
-    (yf, gxf, gsf), (yr, gxr, gsr) = grads
-    assert act_module._FUSED
-    assert torch.allclose(yf, yr, atol=1e-6)
-    assert torch.equal(gxf == 0, gxr == 0)  # same clip decisions
-    assert torch.allclose(gxf, gxr, atol=1e-6)
-    assert torch.allclose(gsf, gsr, rtol=1e-4, atol=1e-6)
+    ref.load_state_dict(q.state_dict())
+    assert bool(q.signed) == (shift < 0) and q.impl == "auto" and ref.impl == "reference"
+    upstream = torch.linspace(-1, 2, x.numel()).view(shape)
+    (ya, gxa, gsa), (yr, gxr, gsr) = _run(q, x, upstream), _run(ref, x, upstream)
+    assert torch.equal(ya, yr)  # bit-identical values
+    assert torch.equal(gxa == 0, gxr == 0)  # same clip decisions
+    assert torch.allclose(gxa, gxr, rtol=1e-6, atol=0)
+    assert torch.allclose(gsa, gsr, rtol=1e-4, atol=1e-6)
+    # Eval / no-grad: the same values bit for bit as the training forward, and no graph.
+    with torch.no_grad():
+        y0 = q(x)
+    assert torch.equal(y0, ya) and y0.grad_fn is None
+    # channels_last in, channels_last out (the next conv would otherwise convert back), on every path.
+    assert y0.stride() == x.stride() and ya.stride() == x.stride() and gxa.stride() == x.stride()
 
 
 def test_lsq_step_gradient_by_hand() -> None:
@@ -144,12 +165,16 @@ def test_lsq_step_gradient_by_hand() -> None:
     assert x.grad.tolist() == [[1.0, 1.0, 0.0]]
 
 
-def test_learn_false_freezes_step_and_passes_ste() -> None:
-    q = calibrated(torch.tensor([-1.0, 1.0]), bits=3, calibration="max", learn=False)
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+def test_learn_false_freezes_step_and_passes_ste(impl: str) -> None:
+    q = calibrated(torch.tensor([-1.0, 1.0]), bits=3, calibration="max", learn=False, impl=impl)
     assert not q.step.requires_grad
     x = torch.tensor([0.3, -0.5, 5.0], requires_grad=True)
     q(x).sum().backward()
     assert x.grad.tolist() == [1.0, 1.0, 0.0]
+    q.requires_grad_(True)  # e.g. model.requires_grad_(True): the step must stay frozen
+    q(x).sum().backward()
+    assert q.step.grad is None
 
 
 def test_power_of_two_step() -> None:
@@ -171,7 +196,28 @@ def test_state_dict_round_trip_into_fresh_instance() -> None:
     with torch.no_grad():
         assert torch.equal(fresh(x), q(x))
     assert "signed=True" in repr(fresh) and "bits=6" in repr(fresh)
-    assert fresh.qparams()["signed"] is True
+    assert fresh.qparams().signed is True
+
+
+def test_qparams_signed_and_unsigned() -> None:
+    relu = calibrated(torch.tensor([0.0, 1.0, 3.0]), bits=4, calibration="max")
+    p = relu.qparams()
+    assert isinstance(p, QParams)
+    assert (p.bits, p.axis, p.signed, p.narrow, p.power_of_two, p.zero_point) == (4, None, False, False, False, 0)
+    assert (p.qmin, p.qmax) == (relu.qmin, relu.qmax) == (0, 15)
+    assert p.step.shape == () and p.step.item() == pytest.approx(3 / 15) and not p.step.requires_grad
+    raw = calibrated(torch.tensor([-2.0, 1.0]), bits=3, calibration="max", power_of_two=True)
+    p = raw.qparams()
+    assert (p.signed, p.narrow, p.power_of_two) == (True, True, True)
+    assert (p.qmin, p.qmax) == (raw.qmin, raw.qmax) == (-3, 3)
+    assert p.step.item() == 0.5  # 2/3 rounded to a power of two in the log domain
+    with torch.no_grad():  # the record describes the forward: Q(x) == clamp(round(x / step)) * step
+        x = torch.tensor([-9.0, -0.7, 0.2, 1.3])
+        assert torch.equal(raw(x), torch.clamp(torch.round(x / p.step), p.qmin, p.qmax) * p.step)
+
+
+def test_doctests() -> None:
+    assert doctest.testmod(act_module).failed == 0
 
 
 def test_recalibration_updates_signedness() -> None:

@@ -260,3 +260,18 @@ def test_calibrate_again_keeps_learned_weight_steps() -> None:
     assert torch.equal(wq.step.detach(), learned)
     calibrate(model, BATCHES, reinit_weights=True)
     assert not torch.equal(wq.step.detach(), learned)
+
+
+def test_resumed_qat_keeps_the_loaded_steps_through_calibrate() -> None:
+    """Review: prepare -> load_state_dict(checkpoint) -> calibrate re-initialised the loaded steps."""
+    model = Tiny()
+    prepare(model, QuantConfig())
+    calibrate(model, BATCHES)
+    with torch.no_grad():
+        weight_quantizer(model.conv1).step.mul_(3.0)
+    state = model.state_dict()
+    resumed = Tiny()
+    prepare(resumed, QuantConfig())
+    resumed.load_state_dict(state)
+    calibrate(resumed, BATCHES)  # re-ranging activations only
+    assert torch.equal(weight_quantizer(resumed.conv1).step, weight_quantizer(model.conv1).step)

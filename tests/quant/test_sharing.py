@@ -38,3 +38,15 @@ def test_tied_embedding_gets_the_same_quantizer_and_convert_equals_fake_quant():
     assert torch.equal(conv(tokens), ref)  # converted == fake-quant, exactly
     prunq.unprepare(m)
     assert weight_quantizer(m.embed) is None and weight_quantizer(m.head) is None
+
+
+def test_a_shared_weight_quantized_differently_is_refused():
+    import pytest
+
+    from prunq.core.errors import PrunqError
+
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    b.weight = a.weight
+    m = nn.Sequential(a, nn.ReLU(), b)
+    with pytest.raises(PrunqError, match="shares its weight with another layer quantized differently"):
+        prunq.prepare(m, prunq.QuantConfig(weight_bits=4, overrides={"2": {"weight_bits": 8}}))

@@ -70,7 +70,7 @@ def _sparsity(v: float) -> float:
 #: A bit-width: 2–8 quantized, 16 or 32 float.
 Bits = Annotated[int, Field(strict=True), AfterValidator(_bits)]
 #: A sparsity (fraction of weights removed), in [0, 1).
-Sparsity = Annotated[float, AfterValidator(_sparsity)]
+Sparsity = Annotated[float, Field(strict=True), AfterValidator(_sparsity)]
 #: A fraction of a run's steps, in [0, 1].
 Fraction = Annotated[float, Field(ge=0, le=1)]
 
@@ -139,7 +139,8 @@ def format_error(e: ValidationError, source: str, *, dotted: bool = False) -> st
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        parts.append(f"{source}.{loc}: {msg}" if dotted else f"{loc}: {msg}")
+        where = err["loc"] and ".".join(str(x) for x in err["loc"])
+        parts.append((f"{source}.{where}" if where else source) + f": {msg}" if dotted else f"{loc}: {msg}")
     return "; ".join(parts) if dotted else f"{source}: " + "; ".join(parts)
 
 
@@ -161,12 +162,15 @@ class MethodConfig(Config):
     """Base of a method's config (one entry of a recipe's ``methods: [...]``).
 
     A subclass sets ``kind: Literal["<name>"] = "<name>"`` (the discriminator in YAML) and is registered
-    with its method by :func:`prunq.core.registry.register_method`. ``finetune`` is the training the
+    with its method by :func:`prunq.core.method.register_method`. ``finetune`` is the training the
     method runs while attached (``steps: 0`` for a retraining-free method).
     """
 
     kind: str
     finetune: TrainConfig = TrainConfig(steps=0)
+    #: Kinds of method that must not come earlier in a recipe (e.g. a mask must be attached before a
+    #: quantizer): checked when the recipe is read, not after minutes of training.
+    comes_before: ClassVar[tuple[str, ...]] = ()
 
 
 __all__ = [

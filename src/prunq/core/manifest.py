@@ -53,25 +53,50 @@ def replay(model: nn.Module, transforms: list[dict[str, Any]], source: str = "mo
             out = fn(model, entry)
         except PrunqError as e:
             raise PrunqError(f"{source}: transforms[{i}] ({entry['op']}): {e}") from None
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as e:
             raise PrunqError(f"{source}: transforms[{i}] ({entry['op']}): malformed entry ({type(e).__name__}: {e})") from None
         if out is not None:
             model = out
     return model
 
 
+def _check_model(model: Any, source: str) -> dict[str, Any]:
+    """The manifest's ``model`` entry: ``{"origin": "zoo", "task", "name", "kwargs"}`` or ``{"origin": "user"}``."""
+    if not isinstance(model, dict):
+        raise PrunqError(f"{source}: model: expected a mapping, got {type(model).__name__}")
+    if model.get("origin", "zoo" if "name" in model else "user") == "zoo":
+        for key in ("task", "name"):
+            if not isinstance(model.get(key), str):
+                raise PrunqError(f"{source}: model.{key}: expected a name")
+        if not isinstance(model.get("kwargs", {}), dict):
+            raise PrunqError(f"{source}: model.kwargs: expected a mapping")
+    return model
+
+
 def upgrade(manifest: dict[str, Any], source: str = "model.json") -> dict[str, Any]:
-    """A format-1 manifest (``masked`` / ``folded`` / one ``quant`` config) as a format-2 transform log."""
+    """A format-1 manifest (``masked`` / ``folded`` / one ``quant`` config) as a format-2 transform log;
+    either format's structure checked (a malformed entry is a one-line PrunqError naming it)."""
     fmt = manifest.get("format", 1)
+    if isinstance(fmt, bool) or fmt not in (1, FORMAT):
+        raise PrunqError(f"{source}: unknown manifest format {fmt!r} (this prunq reads 1 and {FORMAT})")
     if fmt == FORMAT:
         if not isinstance(manifest.get("transforms"), list):
             raise PrunqError(f"{source}: missing or malformed 'transforms' list")
+        _check_model(manifest.get("model") or {}, source)
         return manifest
-    if fmt != 1:
-        raise PrunqError(f"{source}: unknown manifest format {fmt!r} (this prunq reads 1 and {FORMAT})")
     for key in ("model", "masked", "folded", "quant"):
         if key not in manifest:
             raise PrunqError(f"{source}: missing key {key!r}")
+    if not isinstance(manifest["masked"], list) or not all(isinstance(n, str) for n in manifest["masked"]):
+        raise PrunqError(f"{source}: masked: expected a list of layer names")
+    folded = manifest["folded"]
+    if not isinstance(folded, list) or not all(
+        isinstance(p, list) and len(p) == 2 and all(isinstance(n, str) for n in p) for p in folded
+    ):
+        raise PrunqError(f"{source}: folded: expected a list of [conv, batchnorm] name pairs")
+    if manifest["quant"] is not None and not isinstance(manifest["quant"], dict):
+        raise PrunqError(f"{source}: quant: expected a mapping or null")
+    _check_model(manifest["model"] or {}, source)
     transforms: list[dict[str, Any]] = []
     if manifest["masked"]:
         transforms.append({"op": "mask", "layers": list(manifest["masked"])})

@@ -29,6 +29,8 @@ INPUT_QUANTIZER = "input_quantizer"
 #: Buffers ``convert()`` leaves on a layer: the weight steps (canonical dim 0) and the bit-width.
 CONVERTED_STEP = "weight_step"
 CONVERTED_BITS = "weight_bits"
+#: Attribute ``convert()`` sets on a layer whose mask it baked (its zeros are pruned weights).
+PRUNED_FLAG = "prunq_pruned"
 
 
 @dataclass
@@ -49,6 +51,9 @@ class LayerRecord:
     act_q: QParams | None
     bias: torch.Tensor | None
     stored_id: int
+    #: the layer is pruned (carries a mask, or had one baked by ``convert()``): its weights count toward
+    #: the sparsity over prunable weights
+    pruned: bool = False
 
     @property
     def shape(self) -> tuple[int, ...]:  # noqa: D102
@@ -121,6 +126,7 @@ def layer_record(name: str, module: nn.Module) -> LayerRecord:
         act_q=aq,
         bias=bias.detach() if isinstance(bias, torch.Tensor) else None,
         stored_id=id(_stored(module)),
+        pruned=mask is not None or bool(getattr(module, PRUNED_FLAG, False)),
     )
 
 

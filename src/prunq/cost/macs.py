@@ -52,15 +52,18 @@ def _to(x: Any, device: torch.device) -> Any:
 
 
 def example_batch_size(example_inputs: Any) -> int:
-    """The leading dimension of the first tensor in ``example_inputs``: the batch MACs are divided by.
+    """The leading dimension of the first tensor in ``example_inputs``: the batch MACs are divided by
+    (a vector is one example).
 
     >>> example_batch_size((torch.zeros(4, 3, 8, 8), torch.zeros(1)))
     4
+    >>> example_batch_size(torch.zeros(6))
+    1
     """
     for t in _tensors(example_inputs):
         if t.dim() == 0:
             break
-        return int(t.shape[0])
+        return int(t.shape[0]) if t.dim() > 1 else 1
     raise PrunqError("count_macs: example_inputs hold no tensor with a batch dimension; pass batch_size=")
 
 
@@ -168,7 +171,9 @@ def count_macs(
                 raise PrunqError(f"count_macs: layer {name!r} was not called with a tensor")
             if is_compressible(module):
                 totals[name] += forward_macs(module, inp, out)
-                if is_unbatched_input(module, inp):
+                # Only a Conv input's rank says "one sample" for sure; a Linear on a vector may be one
+                # conditioning vector among batched layers (it must not make every layer count x B).
+                if not isinstance(module, nn.Linear) and is_unbatched_input(module, inp):
                     unbatched.append(name)
             else:  # a module swapped in for a layer: output elements x its record's weights per output
                 totals[name] += out.numel() * module.prunq_record(name).fan_in

@@ -48,6 +48,7 @@ from prunq.cost.encodings import (
     index_bits,
     relative_bits,
 )
+from prunq.core.config import QUANT_BITS, check_bits
 from prunq.core.errors import PrunqError
 from prunq.core.graph import ChannelGraph
 from prunq.cost.macs import count_macs
@@ -67,8 +68,6 @@ __all__ = [
     "best_relative",
 ]
 
-#: Bit-widths at or above this are treated as unquantized floats (``FLOAT_BITS`` each).
-UNQUANTIZED_FROM = 16
 _INT8 = 8
 
 
@@ -96,10 +95,11 @@ class LayerQuant:
     scale_bits: int = FLOAT_BITS
 
     def __post_init__(self) -> None:
-        for name in ("weight_bits", "act_bits", "scale_bits"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise PrunqError(f"LayerQuant.{name}: expected a positive integer, got {v!r}")
+        check_bits(self.weight_bits, "LayerQuant.weight_bits")  # the one bit-width rule
+        check_bits(self.act_bits, "LayerQuant.act_bits")
+        v = self.scale_bits
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise PrunqError(f"LayerQuant.scale_bits: expected a positive integer, got {v!r}")
         for name in ("weight_scales", "act_scales"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -108,12 +108,12 @@ class LayerQuant:
     @property
     def weights_quantized(self) -> bool:
         """False when ``weight_bits >= 16`` (costed as 32-bit floats, no weight steps stored)."""
-        return self.weight_bits < UNQUANTIZED_FROM
+        return self.weight_bits in QUANT_BITS
 
     @property
     def acts_quantized(self) -> bool:
         """False when ``act_bits >= 16`` (costed as 32-bit floats, no activation step stored)."""
-        return self.act_bits < UNQUANTIZED_FROM
+        return self.act_bits in QUANT_BITS
 
     @property
     def effective_weight_bits(self) -> int:
@@ -353,9 +353,9 @@ def _measure_layer(
     encoding = min(ENCODINGS, key=lambda e: totals[e])  # min() keeps the first of equal keys
     density = nz / n if n else 0.0
     memory = totals[encoding] + scale_bits + bias_bits
-    if not stored:
+    if not stored:  # the shared weight (values, positions, steps) was counted with its first user
         idx = dict.fromkeys(idx, 0)
-        memory = 0
+        memory = bias_bits
     return LayerCost(
         name=rec.name,
         kind=rec.kind,
@@ -372,9 +372,9 @@ def _measure_layer(
         entropy_bits=entropy_bound_bits(n, nz) if stored else 0.0,
         encoding=encoding,
         scale_bits=scale_bits if stored else 0,
-        bias_bits=bias_bits if stored else 0,
+        bias_bits=bias_bits,
         memory_bits=memory,
-        pruned=rec.mask is not None,
+        pruned=rec.pruned,
         stored=stored,
         dead_inputs=int(dead_inputs.sum()) if dead_inputs is not None else 0,
         live_nonzeros=live,
@@ -461,7 +461,7 @@ def measure(
     other_bits = FLOAT_BITS * other_params
     stored = [lc for lc in costs if lc.stored]
     prunable = sum(lc.params for lc in stored)
-    bias_params = sum(lc.bias_bits for lc in stored) // FLOAT_BITS
+    bias_params = sum(lc.bias_bits for lc in costs) // FLOAT_BITS
     params = prunable + bias_params + other_params
     nonzeros = sum(lc.nonzeros for lc in stored)
     # Sparsity is over the prunable (masked) weights only (METHOD.md §2); a model pruned elsewhere (no
@@ -471,7 +471,8 @@ def measure(
     sparsity = 1.0 - sum(lc.nonzeros for lc in counted) / counted_n if counted_n else 0.0
     total_macs = sum(lc.macs for lc in costs)
     bops = float(sum(lc.bops for lc in costs))
-    by_enc = {e: sum(lc.memory_bits_as(e) for lc in stored) + other_bits for e in ENCODINGS}
+    shared_bias = sum(lc.bias_bits for lc in costs if not lc.stored)
+    by_enc = {e: sum(lc.memory_bits_as(e) for lc in stored) + shared_bias + other_bits for e in ENCODINGS}
     memory_bits = sum(lc.memory_bits for lc in costs) + other_bits
     by_enc["best"] = memory_bits
 

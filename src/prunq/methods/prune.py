@@ -30,7 +30,7 @@ class PruneMethod(MethodBase):
 
     def attach(self, model: nn.Module, ctx: RunContext) -> None:  # noqa: D102
         cfg = self.config
-        batch = getattr(ctx.task, "example_batch_size", 1)
+        batch = getattr(ctx.task, "example_batch_size", None)
         macs = count_macs(model, ctx.example_inputs, batch_size=batch) if cfg.cost_exponent > 0 else None
         self.pruner = Pruner(model, cfg, total_steps=cfg.finetune.steps, macs=macs, seed=ctx.seed)
         self.ctx = ctx

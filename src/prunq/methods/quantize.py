@@ -16,7 +16,7 @@ from prunq.core.method import MethodBase, RunContext, Transform, register_method
 from prunq.prune import masks as M
 from prunq.quant import fold
 from prunq.quant.prepare import QuantConfig, calibrate, convert, converted_layers, prepare, prepare_layers, quant_plan
-from prunq.quant.weight import weight_quantizer
+from prunq.core.records import layer_records
 
 #: Seed offset of the calibration batches (kept from the two-stage pipeline, so results reproduce).
 CALIB_SEED = 104729
@@ -50,8 +50,22 @@ class QuantizeMethod(MethodBase):
         out = []
         if self.pairs:
             out.append(Transform("fold_bn", {"pairs": [list(p) for p in self.pairs]}))
-        out.append(Transform("quantize", {"layers": self.plan}))
+        out.append(Transform("quantize", {"layers": quantize_record(model, self.plan)}))
         return out
+
+
+def quantize_record(model: nn.Module, plan: dict[str, Any]) -> dict[str, Any]:
+    """The ``quantize`` transform's per-layer entries, read from the quantizers themselves: each layer's
+    weight and input-activation :class:`~prunq.core.qparams.QParams` without the step values (which the
+    state dict holds) — the same records the cost model and the exporters read."""
+    records = {r.name: r for r in layer_records(model)}
+    return {
+        name: {
+            "weight": records[name].weight_q.to_meta() if records[name].weight_q is not None else None,
+            "act": records[name].act_q.to_meta() if records[name].act_q is not None else None,
+        }
+        for name in plan
+    }
 
 
 @register_transform("fold_bn")
@@ -59,24 +73,15 @@ def _replay_fold(model: nn.Module, entry: dict[str, Any]) -> None:
     fold.fold_bn_(model, [tuple(p) for p in entry["pairs"]])
 
 
-def _mark_initialised(model: nn.Module) -> None:
-    for m in model.modules():
-        wq = weight_quantizer(m)
-        if wq is not None:
-            wq.needs_init = False  # the loaded state dict holds the (learned) steps
-
-
 @register_transform("quantize")
 def _replay_quantize(model: nn.Module, entry: dict[str, Any]) -> None:
     prepare_layers(model, entry["layers"])
-    _mark_initialised(model)
 
 
 @register_transform("quantize_config")
 def _replay_quantize_config(model: nn.Module, entry: dict[str, Any]) -> None:
     """Format-1 manifests recorded one QuantConfig for the whole model."""
     prepare(model, QuantConfig.parse(entry["config"], "model.json: quant"))
-    _mark_initialised(model)
 
 
 @register_transform("convert")

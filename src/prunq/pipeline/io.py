@@ -54,8 +54,8 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise PrunqError(f"{p}: missing (is {directory} a prunq run directory?)")
     try:
         manifest = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PrunqError(f"{p}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, huge integers, deep nesting
+        raise PrunqError(f"{p}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(manifest, dict):
         raise PrunqError(f"{p}: expected a JSON object")
     return upgrade(manifest, str(p))
@@ -95,11 +95,26 @@ def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
             raise PrunqError(f"{d / MANIFEST_FILE}: model: {e}") from None
     model = rebuild(model, manifest, str(d / MANIFEST_FILE))
     state = load_state(d / MODEL_FILE)
+    _load_strict(model, state, d / MODEL_FILE)
+    return model.eval()
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """``load_state_dict(strict=True)``; a mismatch names the keys (missing, unexpected, mis-shaped)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape differs", shapes)):
+            if keys:
+                parts.append(f"{what}: {', '.join(keys[:3])}" + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""))
+        raise PrunqError(f"{path}: does not match the model ({'; '.join(parts)})")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise PrunqError(f"{d / MODEL_FILE}: does not match the model ({str(e).splitlines()[0]})") from None
-    return model.eval()
+        raise PrunqError(f"{path}: does not match the model ({str(e).splitlines()[0]})") from None
 
 
 def save(result: Any, directory: str | Path) -> Path:

@@ -71,10 +71,17 @@ def method_list(v: Any) -> list[MethodConfig]:
         raise PrunqError(f"methods: expected a list of method configs, got {type(v).__name__}")
     kinds = [item.get("kind") if isinstance(item, dict) else getattr(item, "kind", None) for item in v]
     label = {kind: key for key, kind in SHORTHAND.items()}
-    return [
+    out = [
         _method(item, label.get(k, k) if k in KINDS and kinds.count(k) == 1 else f"methods.{i}")
         for i, (item, k) in enumerate(zip(v, kinds))
     ]
+    for i, cfg in enumerate(out):
+        early = [j for j in range(i) if out[j].kind in cfg.comes_before]
+        if early:
+            raise PrunqError(
+                f"methods.{i}: {cfg.kind} must come before {out[early[0]].kind} (methods.{early[0]}); reorder the list"
+            )
+    return out
 
 
 class Recipe(Config):
@@ -114,15 +121,36 @@ class Recipe(Config):
         """The ``quantize`` method's config (None when the recipe does not quantize)."""
         return self.method("quantize")  # type: ignore[return-value]
 
+    @classmethod
+    def parse(cls, data: Any, source: str = "recipe") -> Recipe:  # noqa: D102
+        return parse_recipe(data, source)
+
+    @classmethod
+    def json_schema(cls) -> dict[str, Any]:
+        """The recipe's JSON schema, ``methods`` a union discriminated on ``kind`` over every method
+        registered now (built-in and plug-ins); the ``prune:``/``quant:`` shorthand is not in it."""
+        from typing import Annotated, Union
+
+        from pydantic import create_model
+
+        union = Union[tuple(KINDS.values())]  # noqa: UP007  (a runtime union over the registry)
+        fields = {k: (f.annotation, f) for k, f in cls.model_fields.items() if k != "methods"}
+        fields["methods"] = (list[Annotated[union, Field(discriminator="kind")]], Field(default_factory=list))
+        return create_model("Recipe", __config__=cls.model_config, **fields).model_json_schema()
+
     def with_(self, **changes: Any) -> Recipe:
         """A copy with dotted-path changes, validated: ``r.with_(**{"prune.sparsity": 0.99})``.
 
         A path may start with a method's kind (``prune.``, ``quantize.``; ``quant.`` for ``quantize.``) or
-        ``methods.<i>.``. An unknown field is a KeyError naming it.
+        ``methods.<i>.``; ``quant.enabled`` / ``prune.enabled`` (false) drop that method, (true) add it
+        with its defaults if absent. A path that matches no field is a KeyError naming it.
         """
         data = self.model_dump()
         for path, value in changes.items():
             head, *rest = path.split(".")
+            if head in SHORTHAND and rest == ["enabled"]:
+                data["methods"] = _enable(data["methods"], SHORTHAND[head], value, path)
+                continue
             if head not in data:
                 kind = SHORTHAND.get(head, head)
                 idx = next((i for i, m in enumerate(data["methods"]) if m.get("kind") == kind), None)
@@ -146,6 +174,22 @@ class Recipe(Config):
                 raise KeyError(path)
             node[leaf] = value
         return parse_recipe(data)
+
+
+def _enable(methods: list[dict], kind: str, value: Any, path: str) -> list[dict]:
+    if not isinstance(value, bool):
+        raise PrunqError(f"{path}: expected true or false")
+    present = any(m.get("kind") == kind for m in methods)
+    if not value:
+        return [m for m in methods if m.get("kind") != kind]
+    if present:
+        return methods
+    new = {"kind": kind}
+    # A prune method goes before any method it must precede; anything else at the end.
+    if config_type(kind).comes_before:
+        idx = next((i for i, m in enumerate(methods) if m.get("kind") in config_type(kind).comes_before), len(methods))
+        return [*methods[:idx], new, *methods[idx:]]
+    return [*methods, new]
 
 
 def _expand_shorthand(data: dict[str, Any], source: str) -> dict[str, Any]:

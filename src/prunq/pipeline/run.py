@@ -17,6 +17,7 @@ import prunq.methods  # noqa: F401  (registers the built-in methods)
 from prunq import __version__
 from prunq.core.attention import decompose_attention_
 from prunq.core.config import MethodConfig
+from prunq.core.errors import PrunqError
 from prunq.core.manifest import FORMAT
 from prunq.core.method import RunContext, Transform, build_method
 from prunq.cost import measure as C
@@ -74,6 +75,14 @@ def evaluate_metric(task: Task, model: nn.Module) -> tuple[float, dict[str, Any]
         out = dict(task.evaluate(model))
     metric = float(out.pop("metric"))
     return metric, out
+
+
+def check_task(task: Task, recipe: Recipe) -> None:
+    """What the recipe needs from the task, checked before any training (not at the first eval point)."""
+    if recipe.eval_every and type(task).validate is Task.validate:
+        raise PrunqError(
+            f"eval_every: task {task.name!r} has no validation split (Task.validate); set eval_every: 0"
+        )
 
 
 def _validator(task: Task):
@@ -201,7 +210,9 @@ def build_metrics(
 
 
 def _timing(stages: list[StageResult], total: float) -> dict[str, float]:
-    out = {f"{s.name}_s": s.seconds for s in stages}
+    out: dict[str, float] = {}
+    for s in stages:  # two methods with one stage name add up
+        out[f"{s.name}_s"] = out.get(f"{s.name}_s", 0.0) + s.seconds
     out.setdefault("prune_s", 0.0)
     out.setdefault("quant_s", 0.0)
     out["total_s"] = total
@@ -229,6 +240,7 @@ def compress(
     >>> res.metrics["compressed"]["metric"], res.metrics["bops_ratio"]    # doctest: +SKIP
     """
     recipe = as_recipe(recipe)
+    check_task(task, recipe)
     if not inplace:
         model = copy.deepcopy(model)
     t_start = time.perf_counter()

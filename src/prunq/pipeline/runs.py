@@ -11,7 +11,8 @@ from torch import nn
 
 from prunq.core.errors import PrunqError
 from prunq.pipeline.io import DENSE_FILE, PREVIEWS_FILE, load_state, save_model, save_tensors
-from prunq.pipeline.run import CompressResult, compress, train_dense, zoo_spec
+from prunq.pipeline.training import rng_devices
+from prunq.pipeline.run import CompressResult, check_task, compress, train_dense, zoo_spec
 from prunq.pipeline.recipes import Recipe, dump_recipe
 from prunq.tasks import get_task
 from prunq.tasks.base import Task
@@ -31,7 +32,7 @@ def make_task(recipe: Recipe) -> Task:
 def dense_model(recipe: Recipe, task: Task, *, quiet: bool = False) -> tuple[nn.Module, list[dict], float]:
     """The dense starting point: the recipe's checkpoint, or a model trained with ``recipe.dense``."""
     t0 = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):  # seeded initialisation without reseeding the caller
+    with torch.random.fork_rng(devices=rng_devices()):  # seeded initialisation without reseeding the caller
         torch.manual_seed(recipe.seed)
         try:
             model = task.build_model(recipe.model.name, **recipe.model.kwargs)
@@ -71,6 +72,7 @@ def write_run(directory: Path, recipe: Recipe, result: CompressResult, *, render
 def compress_recipe(recipe: Recipe, *, quiet: bool = False) -> CompressResult:
     """Everything ``prunq compress`` does before writing: task, dense model, both stages."""
     task = make_task(recipe)
+    check_task(task, recipe)  # before the dense training, not after it
     model, dense_hist, dense_s = dense_model(recipe, task, quiet=quiet)
     trained = None if recipe.model.checkpoint else {k: v.detach().clone() for k, v in model.state_dict().items()}
     result = compress(model, task, recipe, quiet=quiet, model_spec=zoo_spec(recipe, task), inplace=True)

@@ -19,7 +19,7 @@ from prunq.core.errors import PrunqError
 from prunq.core.method import build_method
 from prunq.pipeline.recipes import Recipe
 from prunq.pipeline.run import (
-    CompressResult, StageResult, _timing, build_metrics, evaluate_metric, make_manifest, prepare_structure,
+    CompressResult, StageResult, _timing, build_metrics, check_task, evaluate_metric, make_manifest, prepare_structure,
     run_methods, stage_cost,
     stage_previews, zoo_spec,
 )  # fmt: skip
@@ -45,6 +45,7 @@ def run_sweep(
     if recipe.prune is None or recipe.quant is None:
         raise PrunqError("sweep: the recipe needs a prune and a quantize method (sparsity x bit-width grid)")
     task = make_task(recipe)
+    check_task(task, recipe)
     if dense is None:
         d_model, dense_hist, _ = dense_model(recipe, task, quiet=quiet)
     else:

@@ -47,6 +47,11 @@ def make_optimizer(named_params, spec) -> torch.optim.Optimizer:
     return torch.optim.Adam(groups, lr=spec.lr)
 
 
+def rng_devices() -> list[int]:
+    """The devices whose generators ``torch.manual_seed`` reseeds (and ``fork_rng`` must restore)."""
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
 class Hooks(Protocol):
     """What :func:`fit` calls on a method (see :class:`prunq.core.method.Method`)."""
 
@@ -85,7 +90,7 @@ def fit(
         return history
     if hooks is not None:
         loss_terms, after_backward, after_step = hooks.loss_terms, hooks.after_backward, hooks.after_step
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=rng_devices()):
         torch.manual_seed(seed)
         _fit(model, task, spec, batch_size, seed, stage, after_backward, after_step, loss_terms, history, log_every, quiet)
     return history

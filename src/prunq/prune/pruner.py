@@ -28,7 +28,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import core_schema
 from torch import nn
 
-from prunq.core.config import Fraction, MethodConfig, Sparsity, TrainConfig
+from prunq.core.config import Fraction, MethodConfig, Sparsity, TrainConfig, check_sparsity
 from prunq.core.errors import PrunqError
 from prunq.core.layers import (
     canonical_shape, compressible_layers, from_canonical, is_compressible, matches, to_canonical,
@@ -230,6 +230,23 @@ class PruneConfig(MethodConfig):
             raise ValueError(f"the {what} criterion needs gradients: set score_batches > 0 or finetune.steps > 0")
         return v
 
+    @model_validator(mode="after")
+    def _nm_keys(self) -> PruneConfig:
+        # N:M decides every layer's mask by itself: a floor, an allocation or a ramp set by the user would
+        # be recorded in the resolved recipe and silently ignored, so they are refused.
+        if self.gran.fixed_sparsity is not None:
+            fields = type(self).model_fields
+            ignored = sorted(
+                k for k in self.model_fields_set & {"min_density", "min_per_channel", "allocation", "initial_sparsity"}
+                if getattr(self, k) != fields[k].default  # a resolved recipe repeats the defaults: fine
+            )
+            if ignored:
+                raise ValueError(f"{', '.join(ignored)}: do not apply with N:M granularity {self.granularity} (remove them)")
+        return self
+
+    #: Methods of these kinds must not run before this one (the mask must come before a quantizer).
+    comes_before: ClassVar[tuple[str, ...]] = ("quantize",)
+
     @property
     def gran(self) -> Granularity:  # noqa: D102
         return Granularity.parse(self.granularity)
@@ -371,8 +388,7 @@ class Pruner:
         group never returns: a lower target than already cut is an error. With N:M the sparsity must be
         ``1 - N/M``.
         """
-        if not 0.0 <= sparsity < 1.0:
-            raise PrunqError(f"prune.sparsity: {sparsity} is outside [0, 1)")
+        check_sparsity(sparsity, "prune.sparsity")
         fixed = self.gran.fixed_sparsity
         if fixed is not None and not math.isclose(sparsity, fixed, abs_tol=1e-9):
             raise PrunqError(f"prune.sparsity: granularity {self.gran} fixes the sparsity at {fixed}, got {sparsity}")

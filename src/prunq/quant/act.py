@@ -22,20 +22,20 @@ import torch
 from torch import nn
 
 from prunq.core.errors import PrunqError
-from prunq.quant.primitives import MIN_STEP, fake_quant, grad_scale, is_quantized, pow2_ste, qrange
+from prunq.core.qparams import QParams
+from prunq.quant.primitives import (
+    IMPLS,
+    MIN_STEP,
+    fake_quant,
+    grad_scale,
+    is_quantized,
+    lsq_fake_quant,
+    pow2_ste,
+    qrange,
+)
 from prunq.quant.weight import mse_steps
 
 CALIBRATIONS: tuple[str, ...] = ("percentile", "max", "mse")
-
-# Forward implementation: the fused kernel or the composed reference (same values, same LSQ gradients;
-# tests/test_quant_act.py checks it). Measured on a small CNN training step (3 convs with BN + Linear,
-# batch 64, 32x32, SGD; CPU, 2 threads, torch 2.13, on a shared machine, medians of 40 interleaved
-# steps, four runs), cost relative to a plain step, input fake-quant on all 4 layers:
-#   fused torch._fake_quantize_learnable_per_tensor_affine   1.20-1.28x   (with 4-bit weights too: 1.28-1.54x)
-#   composed fake_quant(x, grad_scale(step, g))              1.72-1.96x
-# A custom autograd.Function on the cachemask kernel was no faster on CPU. Caveat: the learnable
-# kernel reads ``scale[0].item()`` (a host sync per call on CUDA); profile before relying on it on GPU.
-_FUSED: bool = True
 
 
 class ActQuantizer(nn.Module):
@@ -50,6 +50,10 @@ class ActQuantizer(nn.Module):
             ``N`` the elements of one sample); else the step is frozen.
         power_of_two: round the step to a power of two in the forward pass.
         max_samples: bound on the values kept for percentile / MSE (min and max are always exact).
+        impl: ``"auto"`` (:func:`~prunq.quant.primitives.lsq_fake_quant`: no autograd record when no
+            gradient is needed, one hand-written node otherwise) or ``"reference"`` (the composed
+            :meth:`reference_forward`, for debugging). Same values bit for bit; same gradients up to
+            float rounding.
     """
 
     def __init__(
@@ -60,6 +64,7 @@ class ActQuantizer(nn.Module):
         learn: bool = True,
         power_of_two: bool = False,
         max_samples: int = 1 << 18,
+        impl: str = "auto",
     ) -> None:
         super().__init__()
         if not is_quantized(bits):
@@ -68,18 +73,18 @@ class ActQuantizer(nn.Module):
             raise PrunqError(f"ActQuantizer: calibration={calibration!r} is not one of {CALIBRATIONS}")
         if not 0.0 < percentile <= 100.0:
             raise PrunqError(f"ActQuantizer: percentile={percentile} is outside (0, 100]")
+        if impl not in IMPLS:
+            raise PrunqError(f"ActQuantizer: impl={impl!r} is not one of {IMPLS}")
         self.bits = bits
         self.calibration = calibration
         self.percentile = float(percentile)
         self.learn = learn
         self.power_of_two = power_of_two
         self.max_samples = int(max_samples)
+        self.impl = impl
         self.step = nn.Parameter(torch.tensor(1.0), requires_grad=learn)
         self.register_buffer("signed", torch.tensor(False))
         self.register_buffer("calibrated", torch.tensor(False))
-        # Zero points for the fused kernels (float for the learnable one, int32 for the frozen one).
-        self.register_buffer("_zp_float", torch.zeros(1), persistent=False)
-        self.register_buffer("_zp_int", torch.zeros(1, dtype=torch.int32), persistent=False)
         self._observing = False
         self._reset_stats()
         self._sync()
@@ -133,7 +138,11 @@ class ActQuantizer(nn.Module):
             # Equal weight per forward call: keep k/(k+1) of the pool and 1/(k+1) of the new values.
             k = self._calls
             keep = self.max_samples * k // (k + 1)
-            pool = self._take(self._sample, keep) if self._sample.numel() + new.numel() > self.max_samples else self._sample
+            pool = (
+                self._take(self._sample, keep)
+                if self._sample.numel() + new.numel() > self.max_samples
+                else self._sample
+            )
             new = self._take(new, self.max_samples - pool.numel())
             self._sample = torch.cat([pool, new])
         self._calls += 1
@@ -149,7 +158,9 @@ class ActQuantizer(nn.Module):
     def finish_calibration(self) -> None:
         """Choose signed/unsigned from the observed minimum and the step; switch to quantizing."""
         if self._sample is None:
-            raise RuntimeError("ActQuantizer.finish_calibration(): no input was observed; call observe() and run forwards first")
+            raise RuntimeError(
+                "ActQuantizer.finish_calibration(): no input was observed; call observe() and run forwards first"
+            )
         signed = self._min < 0
         self.signed.fill_(signed)
         self._sync()  # qmin / qmax of the chosen grid, needed by _clip_step
@@ -187,11 +198,13 @@ class ActQuantizer(nn.Module):
                 "ActQuantizer is not calibrated: run prunq.quant.calibrate(model, batches) "
                 "(or observe(), forwards, finish_calibration()) before quantized forwards"
             )
-        if self.learn and self.step.requires_grad and torch.is_grad_enabled():
-            return self._learnable(x)
-        return torch.fake_quantize_per_tensor_affine(
-            x, self.effective_step().reshape(1).float(), self._zp_int, self.qmin, self.qmax
-        ).to(x.dtype)
+        if self.impl == "reference":
+            return self.reference_forward(x)
+        step = self._live_step()
+        factor = self._lsq_scale(x) if step.requires_grad and torch.is_grad_enabled() else 1.0
+        # Elementwise, so the output keeps x's memory format (channels_last in, channels_last out):
+        # a contiguous result would make every following conv convert back.
+        return lsq_fake_quant(x, step, self.qmin, self.qmax, factor)
 
     def _lsq_scale(self, x: torch.Tensor) -> float:
         # N = elements of one sample: the loss is a batch mean, so summing the step gradient over the
@@ -201,38 +214,31 @@ class ActQuantizer(nn.Module):
 
     def _live_step(self) -> torch.Tensor:
         # Clamp before log2: a learned step may drift to <= 0. Both ops pass the gradient through.
-        s = self.step.clamp_min(MIN_STEP)
+        # learn=False stays frozen even if model.requires_grad_(True) flipped the Parameter's flag.
+        s = (self.step if self.learn else self.step.detach()).clamp_min(MIN_STEP)
         return pow2_ste(s) if self.power_of_two else s
 
-    def _learnable(self, x: torch.Tensor) -> torch.Tensor:
-        if not _FUSED:
-            return self.reference_forward(x)
-        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-            # The fused kernel returns a contiguous (NCHW) tensor, and every following conv would then
-            # convert back to channels_last. The op is elementwise: run it on the NHWC-contiguous view,
-            # so the result keeps channels_last strides (ResNet-20 step: 1.70x -> see bench/digits.py).
-            nhwc = x.permute(0, 2, 3, 1)
-            return self._fused(nhwc, self._lsq_scale(x)).permute(0, 3, 1, 2)
-        return self._fused(x, self._lsq_scale(x))
-
-    def _fused(self, x: torch.Tensor, grad_factor: float) -> torch.Tensor:
-        return torch._fake_quantize_learnable_per_tensor_affine(
-            x, self._live_step().reshape(1), self._zp_float, self.qmin, self.qmax, grad_factor
-        )
-
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The composed (unfused) LSQ forward; the fused kernel must match it in values and gradients."""
+        """The composed LSQ forward (the definition): ``impl="auto"`` matches it in values and gradients."""
         return fake_quant(x, grad_scale(self._live_step(), self._lsq_scale(x)), self.qmin, self.qmax)
 
-    def qparams(self) -> dict:
-        """``{"bits", "step", "signed", "power_of_two"}``; ``step`` is the effective, detached step."""
-        return {
-            "bits": self.bits,
-            "step": self.effective_step(),
-            "signed": bool(self.signed),
-            "power_of_two": self.power_of_two,
-        }
+    def qparams(self) -> QParams:
+        """The grid: per tensor, the effective (detached, scalar) step; signed narrow or unsigned ``0 … 2^b-1``.
+
+        >>> q = ActQuantizer(bits=4, calibration="max")
+        >>> q.observe(); _ = q(torch.tensor([-1.0, 3.5])); q.finish_calibration()
+        >>> p = q.qparams(); p.qmin, p.qmax, p.step
+        (-7, 7, tensor(0.5000))
+        """
+        signed = bool(self.signed)
+        return QParams(
+            bits=self.bits, step=self.effective_step(), axis=None, signed=signed, narrow=signed,
+            power_of_two=self.power_of_two,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:  # noqa: D102
-        state = f"signed={bool(self.signed)}, step={float(self.effective_step()):.4g}" if self._ready else "uncalibrated"
-        return f"bits={self.bits}, calibration={self.calibration!r}, learn={self.learn}, power_of_two={self.power_of_two}, {state}"
+        state = (
+            f"signed={bool(self.signed)}, step={float(self.effective_step()):.4g}" if self._ready else "uncalibrated"
+        )
+        impl = ", impl='reference'" if self.impl == "reference" else ""
+        return f"bits={self.bits}, calibration={self.calibration!r}, learn={self.learn}, power_of_two={self.power_of_two}{impl}, {state}"

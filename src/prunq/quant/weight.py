@@ -22,10 +22,23 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from prunq.core.errors import PrunqError
-from prunq.core.layers import is_compressible, out_channels, to_canonical, from_canonical
-from prunq.quant.primitives import MIN_STEP, fake_quant, grad_scale, is_quantized, pow2_ste, qrange
+from prunq.core.layers import from_canonical, is_compressible, out_channels, to_canonical
+from prunq.core.qparams import QParams
+from prunq.quant.primitives import (
+    IMPLS,
+    MIN_STEP,
+    fake_quant,
+    grad_scale,
+    is_quantized,
+    lsq_fake_quant,
+    pow2_ste,
+    qrange,
+)
 
 WEIGHT_INITS: tuple[str, ...] = ("max", "mse")
+#: What ``N`` counts in the LSQ step-gradient scale ``1 / sqrt(N * Qp)``: every weight of the step's
+#: channel, or only its non-zero ones (the weights a pruned channel still has).
+GRAD_NS: tuple[str, ...] = ("all", "nonzero")
 #: Clipping ratios (of max |w|) tried by the MSE initialisation.
 MSE_GRID: int = 100
 
@@ -50,7 +63,9 @@ def _fill_dead(step: torch.Tensor) -> torch.Tensor:
     return torch.where(live, step, fill).clamp_min(MIN_STEP)
 
 
-def mse_steps(rows: torch.Tensor, qmin: int, qmax: int, power_of_two: bool = False, grid: int = MSE_GRID) -> torch.Tensor:
+def mse_steps(
+    rows: torch.Tensor, qmin: int, qmax: int, power_of_two: bool = False, grid: int = MSE_GRID
+) -> torch.Tensor:
     """One step per row of ``rows`` minimising ``||Q(row) - row||^2`` over clipping ratios of max |row|.
 
     Ratio 1.0 (the max initialisation) is in the grid, so the result is never worse than max.
@@ -70,11 +85,6 @@ def mse_steps(rows: torch.Tensor, qmin: int, qmax: int, power_of_two: bool = Fal
     return torch.where(amax > 0, best_step, torch.zeros_like(best_step))
 
 
-#: Use torch's fused learnable fake-quant kernels in the forward pass (set False to debug with the
-#: composed reference implementation).
-_FUSED: bool = True
-
-
 class WeightQuantizer(nn.Module):
     """Parametrization ``w -> step * clamp(round(w / step), -Qp, Qp)`` with ``Qp = 2^(b-1) - 1``.
 
@@ -84,8 +94,15 @@ class WeightQuantizer(nn.Module):
         bits: 2–8.
         per_channel: one step per output channel (canonical dim 0) instead of one per tensor.
         init: ``"max"`` (``max|w| / Qp``) or ``"mse"`` (best clipping ratio by squared error).
-        learn: learn the step (LSQ, gradient scaled by ``1 / sqrt(N_per_step * Qp)``); else frozen.
+        learn: learn the step (LSQ, gradient scaled by ``1 / sqrt(N * Qp)``); else frozen.
         power_of_two: round the step to a power of two in the forward pass (shift-only rescaling).
+        grad_n: ``N`` of the LSQ scale. ``"all"``: the weights per step, pruned zeros included.
+            ``"nonzero"``: the non-zero weights of each step's channel in the quantizer's input (at
+            least 1), counted every forward; at 98 % sparsity ``"all"`` makes the step gradient about
+            7x smaller than the weights that are left would.
+        impl: ``"auto"`` (:func:`~prunq.quant.primitives.lsq_fake_quant`) or ``"reference"`` (the
+            composed :meth:`reference_forward`, for debugging). Same values bit for bit; same gradients
+            up to float rounding.
 
     Register it *after* any mask so that it quantizes ``mask * W``. The step is initialised from
     ``module.weight`` at construction (the masked weight if a mask is registered); call
@@ -100,6 +117,8 @@ class WeightQuantizer(nn.Module):
         init: str = "max",
         learn: bool = True,
         power_of_two: bool = False,
+        grad_n: str = "all",
+        impl: str = "auto",
     ) -> None:
         super().__init__()
         if not is_compressible(module):
@@ -108,12 +127,18 @@ class WeightQuantizer(nn.Module):
             raise PrunqError(f"WeightQuantizer: bits={bits} is outside 2–8")
         if init not in WEIGHT_INITS:
             raise PrunqError(f"WeightQuantizer: init={init!r} is not one of {WEIGHT_INITS}")
+        if grad_n not in GRAD_NS:
+            raise PrunqError(f"WeightQuantizer: grad_n={grad_n!r} is not one of {GRAD_NS}")
+        if impl not in IMPLS:
+            raise PrunqError(f"WeightQuantizer: impl={impl!r} is not one of {IMPLS}")
         self.bits = bits
         self.qmin, self.qmax = qrange(bits, signed=True)
         self.per_channel = per_channel
         self.init = init
         self.learn = learn
         self.power_of_two = power_of_two
+        self.grad_n = grad_n
+        self.impl = impl
         object.__setattr__(self, "_proxy", _layout_proxy(module))  # not a submodule: see _layout_proxy
         w = module.weight.detach()
         n = out_channels(module) if per_channel else 1
@@ -132,17 +157,26 @@ class WeightQuantizer(nn.Module):
         return self._canon(w).reshape(self.step.numel(), -1)
 
     # -- step -----------------------------------------------------------------------------------------
-    def _step(self, per_step: int | None = None) -> torch.Tensor:
-        s = self.step
-        if self.learn and per_step is not None and torch.is_grad_enabled():
-            s = grad_scale(s, 1.0 / math.sqrt(per_step * self.qmax))
-        # Clamp before the log2 of power-of-two: a learned step may drift to <= 0.
-        s = s.clamp_min(MIN_STEP)
+    def _live_step(self) -> torch.Tensor:
+        # Clamp before the log2 of power-of-two: a learned step may drift to <= 0. Both pass the gradient.
+        # learn=False stays frozen even if model.requires_grad_(True) flipped the Parameter's flag.
+        s = (self.step if self.learn else self.step.detach()).clamp_min(MIN_STEP)
         return pow2_ste(s) if self.power_of_two else s
+
+    def _grad_factor(self, c: torch.Tensor) -> float | torch.Tensor:
+        """The LSQ step-gradient scale ``1 / sqrt(N * Qp)`` for the canonical input ``c`` (see ``grad_n``)."""
+        n = self.step.numel()
+        if self.grad_n == "all":
+            return 1.0 / math.sqrt((c.numel() // n) * self.qmax)
+        nonzero = torch.count_nonzero(c.detach().reshape(n, -1), dim=1).clamp_min(1)
+        return (nonzero.to(self.step.dtype) * self.qmax).rsqrt()
+
+    def _needs_step_grad(self) -> bool:
+        return self.learn and self.step.requires_grad and torch.is_grad_enabled()
 
     def effective_step(self) -> torch.Tensor:
         """The step used in the forward pass (clamped, power-of-two rounded), detached: shape (out,) or (1,)."""
-        return self._step().detach()
+        return self._live_step().detach()
 
     @torch.no_grad()
     def init_from(self, w: torch.Tensor) -> None:
@@ -156,29 +190,27 @@ class WeightQuantizer(nn.Module):
 
     # -- forward / export -----------------------------------------------------------------------------
     def forward(self, w: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if self.impl == "reference":
+            return self.reference_forward(w)
         c = self._canon(w)
-        n = self.step.numel()
-        if _FUSED and not self.power_of_two and c.is_contiguous():
-            # One fused kernel (forward and backward) instead of ~8 small ops: on a small CNN the
-            # per-op overhead dominates the training step. Same STE and LSQ gradients (tested).
-            factor = 1.0 / math.sqrt((c.numel() // n) * self.qmax) if self.learn else 1.0
-            step = self.step.clamp_min(MIN_STEP)
-            if not self.learn:
-                step = step.detach()
-            zp = torch.zeros(n, dtype=c.dtype, device=c.device)
-            if n > 1:
-                q = torch._fake_quantize_learnable_per_channel_affine(c, step, zp, 0, self.qmin, self.qmax, factor)
-            else:
-                q = torch._fake_quantize_learnable_per_tensor_affine(c, step, zp, self.qmin, self.qmax, factor)
-            return self._uncanon(q)
-        return self.reference_forward(w)
+        step, factor = self._live_step(), 1.0
+        if self._needs_step_grad():
+            factor = self._grad_factor(c)
+        if step.numel() > 1:  # one step per canonical row
+            shape = (-1, *([1] * (c.dim() - 1)))
+            step = step.view(shape)
+            factor = factor.view(shape) if torch.is_tensor(factor) else factor
+        return self._uncanon(lsq_fake_quant(c, step, self.qmin, self.qmax, factor))
 
     def reference_forward(self, w: torch.Tensor) -> torch.Tensor:
-        """The composed (unfused) forward; the fused path must match it in values and gradients."""
+        """The composed forward (the definition): ``impl="auto"`` matches it in values and gradients."""
         c = self._canon(w)
-        n = self.step.numel()
-        step = self._step(c.numel() // n)
-        if n > 1:
+        s = self.step if self.learn else self.step.detach()
+        if self._needs_step_grad():
+            s = grad_scale(s, self._grad_factor(c))
+        s = s.clamp_min(MIN_STEP)
+        step = pow2_ste(s) if self.power_of_two else s
+        if step.numel() > 1:
             step = step.view(-1, *([1] * (c.dim() - 1)))
         return self._uncanon(fake_quant(c, step, self.qmin, self.qmax))
 
@@ -192,19 +224,23 @@ class WeightQuantizer(nn.Module):
         q = torch.clamp(torch.round(c / step), self.qmin, self.qmax).to(torch.int8)
         return self._uncanon(q)
 
-    def qparams(self) -> dict:
-        """``{"bits", "step", "per_channel", "power_of_two"}``; ``step`` is the effective, detached step."""
-        return {
-            "bits": self.bits,
-            "step": self.effective_step(),
-            "per_channel": self.per_channel,
-            "power_of_two": self.power_of_two,
-        }
+    def qparams(self) -> QParams:
+        """The grid: signed, narrow, the effective (detached) step per output channel (axis 0) or per tensor.
+
+        >>> q = WeightQuantizer(nn.Conv2d(2, 3, 1), bits=4)
+        >>> p = q.qparams(); p.axis, p.qmin, p.qmax, tuple(p.step.shape)
+        (0, -7, 7, (3,))
+        """
+        return QParams(
+            bits=self.bits, step=self.effective_step(), axis=0 if self.per_channel else None, signed=True,
+            narrow=True, power_of_two=self.power_of_two,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:  # noqa: D102
         return (
             f"bits={self.bits}, per_channel={self.per_channel}, init={self.init!r}, "
-            f"learn={self.learn}, power_of_two={self.power_of_two}"
+            f"learn={self.learn}, power_of_two={self.power_of_two}, grad_n={self.grad_n!r}"
+            + (", impl='reference'" if self.impl == "reference" else "")
         )
 
 

@@ -360,7 +360,7 @@ def plot_stages(metrics: Mapping[str, Any], path: str | Path) -> Path:
     scale = _metric_scale(metric_name)
     history = [h for h in (metrics.get("history") or []) if isinstance(h, Mapping)]
     has_loss = any(finite(h.get("loss")) is not None for h in history)
-    has_hmetric = any(finite(h.get("metric")) is not None for h in history)
+    has_hmetric = any(finite(h.get(k)) is not None for h in history for k in ("metric", "val_metric"))
     n_panels = 1 + int(has_loss) + int(has_hmetric)
     ratios = [1.2] + [2.0] * (n_panels - 1)
     fig = _figure(4.2 + 4.6 * (n_panels - 1), 4.4)
@@ -415,17 +415,22 @@ def plot_stages(metrics: Mapping[str, Any], path: str | Path) -> Path:
             panels.append((axes[col], "metric"))
         for j, (pax, key) in enumerate(panels):
             seen: set[str] = set()
-            for stage, idx in segs:
-                pts = [(hx[i], finite(history[i].get(key))) for i in idx]
-                pts = [(x, y) for x, y in pts if y is not None]
-                if not pts:
-                    continue
-                if key == "metric":
-                    pts = [(x, y * scale) for x, y in pts]
-                colour = _STAGE_COLOURS.get(stage, "0.3")
-                pax.plot([p[0] for p in pts], [p[1] for p in pts], "-", marker="o" if len(pts) < 40 else None,
-                         ms=3, lw=1.2, color=colour, label=None if stage in seen else f"{stage}")
-                seen.add(stage)
+            # The metric panel draws test-split points (stage ends) and, dashed with hollow markers, the
+            # validation metric logged every `eval_every` steps (never the test split mid-training).
+            for sub in (key,) if key == "loss" else ("metric", "val_metric"):
+                for stage, idx in segs:
+                    pts = [(hx[i], finite(history[i].get(sub))) for i in idx]
+                    pts = [(x, y) for x, y in pts if y is not None]
+                    if not pts:
+                        continue
+                    if key == "metric":
+                        pts = [(x, y * scale) for x, y in pts]
+                    colour = _STAGE_COLOURS.get(stage, "0.3")
+                    name = stage if sub != "val_metric" else f"{stage} (validation)"
+                    pax.plot([p[0] for p in pts], [p[1] for p in pts], "--" if sub == "val_metric" else "-",
+                             marker="o" if len(pts) < 40 else None, ms=3, lw=1.2, color=colour,
+                             mfc="white" if sub == "val_metric" else colour, label=None if name in seen else name)
+                    seen.add(name)
             for stage, idx in segs[1:]:
                 pax.axvline(hx[idx[0]], color="0.6", ls=":", lw=0.8)
             if key == "loss":

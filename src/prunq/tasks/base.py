@@ -24,9 +24,9 @@ class Task(ABC):
     name: str
     metric_name: str
     higher_is_better: bool = True
-    #: Examples in :meth:`example_inputs` (1 by contract). The cost model divides a forward's MACs by it;
-    #: it is not read off the input's first dimension, which is the sequence for a (T, B, D) layout.
-    example_batch_size: int = 1
+    #: Examples in :meth:`example_inputs`, for the cost model's per-example MACs. None: the first input's
+    #: leading dimension; a task whose inputs are sequence-first ``(T, B, D)`` sets it (to 1, say).
+    example_batch_size: int | None = None
 
     @abstractmethod
     def build_model(self, name: str, **kwargs: Any) -> nn.Module:
@@ -54,7 +54,7 @@ class Task(ABC):
 
     @abstractmethod
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
-        """Positional inputs for one forward of ``example_batch_size`` examples (1; used to count MACs)."""
+        """Positional inputs for one forward at batch size 1 (used to count MACs; see ``example_batch_size``)."""
 
     def model_kwargs(self, name: str | None = None, **kwargs: Any) -> dict[str, Any]:
         """The keyword arguments :meth:`build_model` gives the zoo, with the task's defaults filled in
