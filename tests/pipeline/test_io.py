@@ -157,3 +157,19 @@ def test_deeply_nested_json_is_a_one_line_error(tmp_path):
     (tmp_path / "model.json").write_text("[" * 100000 + "]" * 100000)
     with pytest.raises(PrunqError, match="not valid JSON"):
         prunq.load(tmp_path)
+
+
+def test_load_converted_gives_the_same_outputs_without_parametrizations(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))
+    prunq.prepare(m, prunq.QuantConfig(weight_bits=4, act_bits=8))
+    prunq.calibrate(m, [torch.rand(8, 6)])
+    manifest = {"format": 2, "model": {"origin": "user"}, "transforms": [
+        {"op": "quantize", "layers": {"0": {"weight": {"bits": 4, "axis": 0}, "act": {"bits": 8}},
+                                      "2": {"weight": {"bits": 4, "axis": 0}, "act": {"bits": 8}}}}]}  # fmt: skip
+    save((m, manifest), tmp_path / "r")
+    fresh = lambda: nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))  # noqa: E731
+    fq, baked = load(tmp_path / "r", model=fresh()), load(tmp_path / "r", model=fresh(), convert=True)
+    x = torch.rand(5, 6)
+    assert not any(hasattr(mod, "parametrizations") for mod in baked.modules())
+    assert torch.allclose(fq(x), baked(x), atol=1e-6)

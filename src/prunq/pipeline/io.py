@@ -66,14 +66,16 @@ def rebuild(model: nn.Module, manifest: dict[str, Any], source: str = MANIFEST_F
     return replay(model, manifest["transforms"], source)
 
 
-def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
+def load(directory: str | Path, model: nn.Module | None = None, *, convert: bool = False) -> nn.Module:
     """Load a compressed model from a run directory, in eval mode.
 
     Pruned weights are exactly zero and every weight is on its quantization grid; activation quantizers
     are active. Models from prunq's zoo are rebuilt from ``model.json``; a run made with your own
     architecture needs a fresh instance as ``model``. The manifest's transforms are replayed (in order,
     through a fixed map of operation names) before the weights are loaded, so transforms that change the
-    model's structure or tensor shapes load too.
+    model's structure or tensor shapes load too. ``convert=True`` bakes masks and weight quantizers into
+    plain weights (:func:`prunq.convert`: same outputs, no per-forward weight fake-quant — the fast form
+    for inference; it can no longer be fine-tuned with its masks).
 
     >>> model = prunq.load("runs/demo")          # doctest: +SKIP
     """
@@ -96,6 +98,10 @@ def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
     model = rebuild(model, manifest, str(d / MANIFEST_FILE))
     state = load_state(d / MODEL_FILE)
     _load_strict(model, state, d / MODEL_FILE)
+    if convert:
+        from prunq.quant.prepare import convert as bake
+
+        bake(model)
     return model.eval()
 
 
