@@ -115,7 +115,7 @@ def test_learning_rate_schedules_by_hand(schedule, moved):
     model = _Scalar()
     fit(model, _ToyTask(), prunq.TrainConfig(steps=4, lr=0.1, lr_schedule=schedule), batch_size=1, seed=0,
         stage="t", quiet=True)  # fmt: skip
-    assert float(model.w) == pytest.approx(-moved, abs=1e-6)
+    assert float(model.w.detach()) == pytest.approx(-moved, abs=1e-6)
 
 
 def test_hooks_run_in_order_and_the_history_is_logged_every_log_every_steps():
