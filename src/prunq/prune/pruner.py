@@ -35,7 +35,7 @@ from prunq.core.layers import (
 )  # fmt: skip
 from prunq.core.sharing import parameter_holders, shared_weight_users, stored_weight
 from prunq.prune import masks
-from prunq.prune.allocate import Allocation
+from prunq.prune.allocate import ALLOCATIONS, Allocation  # noqa: F401  (re-exported)
 from prunq.prune.granularity import Granularity
 from prunq.prune.importance import check_criterion, get_criterion, needs_grad
 from prunq.prune.schedules import Schedule, check_count, check_initial_sparsity, check_schedule_kind, check_window
@@ -43,7 +43,6 @@ from prunq.prune.schedules import Schedule, check_count, check_initial_sparsity,
 #: Fine-tuning modes (METHOD.md §2).
 Mode = Literal["soft", "hard"]
 MODES: tuple[str, ...] = get_args(Mode)
-ALLOCATIONS: tuple[str, ...] = get_args(Allocation)
 
 _K = TypeVar("_K")
 _V = TypeVar("_V")
