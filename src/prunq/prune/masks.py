@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from prunq.core.evalcache import EvalCache
+
 
 class _StraightThroughMask(torch.autograd.Function):
     @staticmethod
@@ -44,11 +46,13 @@ class Mask(nn.Module):
         super().__init__()
         self.register_buffer("mask", torch.ones(shape, dtype=dtype))
         self.soft = soft
+        self._cache = EvalCache()
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if self.soft and torch.is_grad_enabled():
             return _StraightThroughMask.apply(w, self.mask)
-        return w * self.mask
+        # Without autograd (eval) the product is reused while W and the mask are unchanged (exact).
+        return self._cache(lambda: w * self.mask, w, self.mask)
 
     def extra_repr(self) -> str:  # noqa: D102
         n = self.mask.numel()

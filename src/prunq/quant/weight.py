@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from prunq.core.errors import PrunqError
+from prunq.core.evalcache import EvalCache
 from prunq.core.layers import from_canonical, is_compressible, out_channels, to_canonical
 from prunq.core.qparams import QParams
 from prunq.quant.primitives import (
@@ -143,6 +144,7 @@ class WeightQuantizer(nn.Module):
         w = module.weight.detach()
         n = out_channels(module) if per_channel else 1
         self.step = nn.Parameter(torch.ones(n, dtype=w.dtype, device=w.device), requires_grad=learn)
+        self._cache = EvalCache()
         self.init_from(w)
 
     # -- layout ---------------------------------------------------------------------------------------
@@ -192,6 +194,10 @@ class WeightQuantizer(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if self.impl == "reference":
             return self.reference_forward(w)
+        # Without autograd (eval) the grid is reused while the input and the step are unchanged (exact).
+        return self._cache(lambda: self._forward(w), w, self.step)
+
+    def _forward(self, w: torch.Tensor) -> torch.Tensor:
         c = self._canon(w)
         step, factor = self._live_step(), 1.0
         if self._needs_step_grad():
