@@ -63,7 +63,7 @@ BATCHES = [torch.randn(4, 1, 6, 6, generator=torch.Generator().manual_seed(i)) f
         ({"overrides": {"fc": 8}}, "quant.overrides.fc: Input should be a valid dictionary"),
         ({"weight_init": "median"}, "quant.weight_init: Input should be 'max' or 'mse'"),
         ({"act_calibration": "entropy"}, "quant.act_calibration: Input should be"),
-        ({"percentile": 101.0}, "quant.percentile: Input should be less than or equal to 100"),
+        ({"percentile": 101.0}, "quant.percentile: 101.0 is outside (0, 100]"),
         ({"exclude": "fc"}, "quant.exclude: Input should be a valid tuple"),
     ],
 )

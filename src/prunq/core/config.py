@@ -53,6 +53,30 @@ def check_sparsity(s: object, field: str = "sparsity") -> float:
     return float(s)
 
 
+def check_ema(v: object, field: str = "ema") -> float:
+    """An exponential-moving-average factor: a number in (0, 1). The one rule (configs and criteria)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < float(v) < 1.0:
+        raise PrunqError(f"{field}: {v!r} is outside (0, 1)")
+    return float(v)
+
+
+def check_percentile(v: object, field: str = "percentile") -> float:
+    """A calibration percentile: a number in (0, 100]. The one rule (configs and quantizers)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < float(v) <= 100.0:
+        raise PrunqError(f"{field}: {v!r} is outside (0, 100]")
+    return float(v)
+
+
+def _rule(check: Any) -> Any:
+    def run(v: Any) -> Any:
+        try:
+            return check(v, "")
+        except PrunqError as e:
+            raise ValueError(str(e).removeprefix(": ")) from None
+
+    return run
+
+
 def _bits(v: int) -> int:
     try:
         return check_bits(v, "")
@@ -71,6 +95,10 @@ def _sparsity(v: float) -> float:
 Bits = Annotated[int, Field(strict=True), AfterValidator(_bits)]
 #: A sparsity (fraction of weights removed), in [0, 1).
 Sparsity = Annotated[float, Field(strict=True), AfterValidator(_sparsity)]
+#: An exponential-moving-average factor, in (0, 1).
+Ema = Annotated[float, Field(strict=True), AfterValidator(_rule(check_ema))]
+#: A calibration percentile, in (0, 100].
+Percentile = Annotated[float, Field(strict=True), AfterValidator(_rule(check_percentile))]
 #: A fraction of a run's steps, in [0, 1].
 Fraction = Annotated[float, Field(ge=0, le=1)]
 

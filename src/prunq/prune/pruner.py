@@ -28,7 +28,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import core_schema
 from torch import nn
 
-from prunq.core.config import Fraction, MethodConfig, Sparsity, TrainConfig, check_sparsity
+from prunq.core.config import Ema, Fraction, MethodConfig, Sparsity, TrainConfig, check_sparsity
 from prunq.core.errors import PrunqError
 from prunq.core.layers import (
     canonical_shape, compressible_layers, from_canonical, is_compressible, matches, to_canonical,
@@ -149,7 +149,7 @@ class PruneConfig(MethodConfig):
     min_per_channel: int = Field(1, ge=0)
     exclude: tuple[str, ...] = ()
     overrides: FrozenMap[str, Sparsity] = FrozenMap()
-    ema: float | None = Field(None, gt=0, lt=1)
+    ema: Ema | None = None
     regrow: float | None = Field(0.05, ge=0, le=1)
     cost_exponent: float = Field(0.0, ge=0, le=2)
     score_batches: int = Field(8, ge=0)

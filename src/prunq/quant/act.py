@@ -21,6 +21,7 @@ import math
 import torch
 from torch import nn
 
+from prunq.core.config import check_percentile
 from prunq.core.errors import PrunqError
 from prunq.core.qparams import QParams
 from prunq.quant.primitives import (
@@ -71,8 +72,7 @@ class ActQuantizer(nn.Module):
             raise PrunqError(f"ActQuantizer: bits={bits} is outside 2–8")
         if calibration not in CALIBRATIONS:
             raise PrunqError(f"ActQuantizer: calibration={calibration!r} is not one of {CALIBRATIONS}")
-        if not 0.0 < percentile <= 100.0:
-            raise PrunqError(f"ActQuantizer: percentile={percentile} is outside (0, 100]")
+        check_percentile(percentile, "ActQuantizer.percentile")
         if impl not in IMPLS:
             raise PrunqError(f"ActQuantizer: impl={impl!r} is not one of {IMPLS}")
         self.bits = bits

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from prunq.core import parametrize as P
-from prunq.core.config import Bits, Config, MethodConfig, TrainConfig
+from prunq.core.config import Bits, Config, MethodConfig, Percentile, TrainConfig
 from prunq.core.errors import PrunqError
 from prunq.core.layers import compressible_layers, is_compressible
 from prunq.core.records import CONVERTED_BITS, CONVERTED_STEP, INPUT_QUANTIZER, PRUNED_FLAG
@@ -71,7 +71,7 @@ class QuantConfig(MethodConfig):
     per_channel: bool = True
     weight_init: Literal["max", "mse"] = "mse"
     act_calibration: Literal["max", "percentile", "mse"] = "percentile"
-    percentile: float = Field(99.99, gt=0, le=100)
+    percentile: Percentile = 99.99
     learn_step: bool = True
     #: LSQ weight-step gradient scale ``1/sqrt(N * Qp)``: ``N`` = every weight of the channel ("all", the
     #: LSQ paper) or only its non-zero ones ("nonzero", default: at 98 % sparsity "all" is ~7x smaller).

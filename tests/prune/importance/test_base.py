@@ -88,7 +88,7 @@ def test_criteria_without_gradients_ignore_accumulate_and_the_base_has_no_scores
 
 @pytest.mark.parametrize("ema", [0.0, 1.0, -0.5])
 def test_ema_must_be_strictly_between_0_and_1(ema):
-    with pytest.raises(ValueError, match=r"ema must be in \(0, 1\)"):
+    with pytest.raises(ValueError, match=r"prune.ema: .* is outside \(0, 1\)"):  # PrunqError is a ValueError
         _GradSum(ema=ema)
 
 

@@ -6,6 +6,7 @@ from typing import ClassVar, TypeVar
 
 import torch
 
+from prunq.core.config import check_ema
 from prunq.prune.granularity import Granularity
 
 #: Every criterion that can be built from its name alone (``prune.criterion: taylor``).
@@ -33,9 +34,7 @@ class Criterion:
     needs_grad: bool = False
 
     def __init__(self, ema: float | None = None, seed: int = 0) -> None:
-        if ema is not None and not 0.0 < ema < 1.0:
-            raise ValueError("ema must be in (0, 1)")
-        self.ema = ema
+        self.ema = None if ema is None else check_ema(ema, "prune.ema")
         self.seed = seed
         self._acc: dict[str, torch.Tensor] = {}
         self._count: dict[str, int] = {}
