@@ -163,3 +163,15 @@ def test_sweep_rejects_bad_bits(tmp_path, capsys):
     assert main(["sweep", str(_recipe(tmp_path, TINY)), "--sparsity", "0.5", "--weight-bits", "9",
                  "--out", str(tmp_path / "s")]) == 2  # fmt: skip
     assert "--weight-bits" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
+def test_overwrite_refuses_a_directory_prunq_did_not_write(tmp_path):
+    """Issue 10: `compress proj/r.yaml --out proj --overwrite` deleted the recipe itself (and the user's files)."""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    recipe = _recipe(proj, TINY)
+    (proj / "thesis.tex").write_text("years of work")
+    proc = _cli("compress", recipe, "--out", proj, "--overwrite", "--quiet")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "is not a prunq run directory" in proc.stderr
+    assert sorted(p.name for p in proj.iterdir()) == ["r.yaml", "thesis.tex"]

@@ -21,7 +21,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="train or load the dense model, prune, quantize, write a run directory")
     c.add_argument("recipe", type=Path, help="YAML recipe (see recipes/)")
     c.add_argument("--out", type=Path, required=True, help="run directory to create")
-    c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    c.add_argument("--overwrite", action="store_true", help="replace --out if it is a prunq run directory (never anything else)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. --set prune.sparsity=0.99 (YAML value)")  # fmt: skip
     c.add_argument("--quiet", action="store_true", help="no progress bars or summary")
@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--weight-bits", type=int, nargs="+", default=None)
     s.add_argument("--act-bits", type=int, nargs="+", default=None)
     s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--overwrite", action="store_true", help="replace --out if it is a prunq sweep directory")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     s.add_argument("--quiet", action="store_true")
 

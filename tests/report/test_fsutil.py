@@ -17,6 +17,7 @@ def test_atomic_dir_success_and_overwrite(tmp_path):
         assert tmp.parent == final.parent and tmp != final
         assert not final.exists()
         (tmp / "a.txt").write_text("new")
+        (tmp / "model.json").write_text('{"format": 2, "transforms": []}')  # a prunq run
     assert (final / "a.txt").read_text() == "new"
 
     with pytest.raises(PrunqError, match=r"--out: .*run exists; pass --overwrite to replace it"):
@@ -42,12 +43,13 @@ def test_atomic_dir_exception_leaves_nothing(tmp_path):
 
     final.mkdir()
     (final / "old.txt").write_text("old")
+    (final / "model.json").write_text('{"format": 2, "transforms": []}')
     with pytest.raises(KeyboardInterrupt):
         with atomic_dir(final, overwrite=True) as tmp:
             (tmp / "new.txt").write_text("x")
             raise KeyboardInterrupt
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
-    assert [p.name for p in final.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in final.iterdir()) == ["model.json", "old.txt"]
 
 
 def test_atomic_write(tmp_path):
@@ -77,11 +79,41 @@ def test_a_symlink_counts_as_existing(tmp_path):
     (tmp_path / "run").symlink_to(tmp_path / "target")
     with pytest.raises(PrunqError, match="exists"):
         atomic_dir(tmp_path / "run", overwrite=False)
-    with atomic_dir(tmp_path / "run", overwrite=True) as tmp:
-        (tmp / "a.txt").write_text("a")
-    assert not (tmp_path / "run").is_symlink() and (tmp_path / "run" / "a.txt").read_text() == "a"
-    assert (tmp_path / "target").is_dir()  # the link is replaced, never the directory it pointed to
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "target"]
+    (tmp_path / "target" / "model.json").write_text('{"format": 2}')
+    with pytest.raises(PrunqError, match="not a prunq run directory"):  # a link is never a run to replace
+        atomic_dir(tmp_path / "run", overwrite=True)
+    assert (tmp_path / "run").is_symlink() and (tmp_path / "target" / "model.json").is_file()
+
+
+@pytest.mark.parametrize("make", ["user_files", "recipe_inside", "linked_manifest", "bad_manifest"])
+def test_overwrite_never_deletes_what_prunq_did_not_write(tmp_path, make):
+    """Issue 10: --overwrite deleted a user's thesis.tex and data/, and the recipe it was reading."""
+    final = tmp_path / "proj"
+    final.mkdir()
+    if make == "user_files":
+        (final / "thesis.tex").write_text("years of work")
+        (final / "data").mkdir()
+    elif make == "recipe_inside":
+        (final / "r.yaml").write_text("prune: {sparsity: 0.9}")
+    elif make == "linked_manifest":
+        (tmp_path / "elsewhere.json").write_text('{"format": 2}')
+        (final / "model.json").symlink_to(tmp_path / "elsewhere.json")
+    else:
+        (final / "model.json").write_text("[1, 2]")
+    before = sorted(p.name for p in final.iterdir())
+    with pytest.raises(PrunqError, match="is not a prunq run directory"):
+        with atomic_dir(final, overwrite=True):
+            pytest.fail("body must not run")
+    assert sorted(p.name for p in final.iterdir()) == before
+
+
+def test_overwrite_replaces_a_sweep_directory(tmp_path):
+    final = tmp_path / "sweep"
+    final.mkdir()
+    (final / "sweep.json").write_text('{"rows": []}')
+    with atomic_dir(final, overwrite=True) as tmp:
+        (tmp / "sweep.json").write_text('{"rows": [1]}')
+    assert (final / "sweep.json").read_text() == '{"rows": [1]}'
 
 
 def test_docstring_examples():

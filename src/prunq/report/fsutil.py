@@ -20,6 +20,7 @@ the usual umask-derived permissions instead of the private ``0o600`` / ``0o700``
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -119,6 +120,36 @@ def _refuse(final: Path) -> PrunqError:
     return PrunqError(f"--out: {final} exists; pass --overwrite to replace it")
 
 
+#: Files whose presence (as regular files holding a JSON object) marks a directory prunq wrote:
+#: a run's manifest, a sweep's table.
+RUN_MARKERS: tuple[tuple[str, str], ...] = (("model.json", "format"), ("sweep.json", "rows"))
+
+
+def is_prunq_run(path: Path) -> bool:
+    """True when ``path`` is a real directory (not a link) holding a prunq run's manifest or a sweep's
+    ``sweep.json`` (regular files, not links, with the keys prunq writes): what ``--overwrite`` may replace."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    for name, key in RUN_MARKERS:
+        f = path / name
+        if f.is_symlink() or not f.is_file() or f.stat().st_size > 64 << 20:
+            continue
+        try:
+            data = json.loads(f.read_text())
+        except (ValueError, OSError, RecursionError):
+            continue
+        if isinstance(data, dict) and key in data:
+            return True
+    return False
+
+
+def _not_a_run(final: Path) -> PrunqError:
+    return PrunqError(
+        f"--out: {final} exists and is not a prunq run directory (no model.json or sweep.json written by "
+        "prunq); --overwrite only replaces prunq runs: choose another --out or remove it yourself"
+    )
+
+
 class atomic_dir:  # noqa: N801 - used like a function: ``with atomic_dir(out, overwrite) as tmp:``
     """Build a directory in a fresh sibling temp dir and move it onto ``final`` only on success.
 
@@ -150,8 +181,12 @@ class atomic_dir:  # noqa: N801 - used like a function: ``with atomic_dir(out, o
         self._check()
 
     def _check(self) -> None:
-        if not self.overwrite and (self.final.exists() or self.final.is_symlink()):
+        if not (self.final.exists() or self.final.is_symlink()):
+            return
+        if not self.overwrite:
             raise _refuse(self.final)
+        if not is_prunq_run(self.final):  # never delete what prunq did not write
+            raise _not_a_run(self.final)
 
     def __enter__(self) -> Path:
         self._check()
@@ -188,8 +223,7 @@ class atomic_dir:  # noqa: N801 - used like a function: ``with atomic_dir(out, o
         final = self.final
         _fsync_tree(tmp)
         if final.exists() or final.is_symlink():
-            if not self.overwrite:  # appeared while we were working
-                raise _refuse(final)
+            self._check()  # appeared, or changed, while we were working
             old = _sibling(final, "old")
             os.rename(final, old)
             try:
