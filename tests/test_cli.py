@@ -175,3 +175,31 @@ def test_overwrite_refuses_a_directory_prunq_did_not_write(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "is not a prunq run directory" in proc.stderr
     assert sorted(p.name for p in proj.iterdir()) == ["r.yaml", "thesis.tex"]
+
+
+@pytest.mark.parametrize("link", ["recipe.yaml", "metrics.json", "plots", "model.json"])
+def test_no_command_follows_a_link_out_of_a_run_directory(good_run, tmp_path, link):
+    """Issue 10: `prunq report` copied a symlinked recipe.yaml's target (an SSH key parses as YAML) into
+    report.md, and a symlinked plots/ made it write PNGs anywhere."""
+    import shutil
+
+    _, out = good_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.yaml").write_text("key: PRIVATE\n")
+    target = outside if link == "plots" else outside / "secret.yaml"
+    victim = run / link
+    if victim.is_dir():
+        shutil.rmtree(victim)
+    else:
+        victim.unlink()
+    victim.symlink_to(target)
+    command = "evaluate" if link == "model.json" else "report"
+    proc = _cli(command, run)
+    assert proc.returncode == 2, proc.stderr
+    assert "is a symbolic link" in proc.stderr and proc.stderr.strip().count("\n") == 0
+    assert sorted(p.name for p in outside.iterdir()) == ["secret.yaml"]  # nothing written out there
+    report = run / "report.md"
+    assert not report.exists() or "PRIVATE" not in report.read_text()

@@ -135,7 +135,9 @@ def cmd_evaluate(args) -> int:
     from prunq.pipeline.runs import make_task
 
     metrics = load_metrics(args.run)
-    recipe = load_recipe(args.run / "recipe.yaml")
+    from prunq.report.fsutil import inside_run
+
+    recipe = load_recipe(inside_run(args.run, "recipe.yaml"))
     model = load(args.run)
     out = make_task(recipe).evaluate(model)
     out = {k: v for k, v in out.items() if isinstance(v, (int, float))}

@@ -13,6 +13,7 @@ from torch import nn
 
 from prunq.core.errors import PrunqError
 from prunq.core.manifest import replay, upgrade
+from prunq.report.fsutil import inside_run
 
 MODEL_FILE = "model.safetensors"
 MANIFEST_FILE = "model.json"
@@ -47,7 +48,9 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 def read_manifest(directory: Path) -> dict[str, Any]:
     """``model.json`` of a run directory, as a format-2 transform log (format 1 is upgraded)."""
-    p = directory / MANIFEST_FILE
+    if not directory.is_dir():
+        raise PrunqError(f"{directory}: run directory not found")
+    p = inside_run(directory, MANIFEST_FILE)
     if not directory.is_dir():
         raise PrunqError(f"{directory}: run directory not found")
     if not p.is_file():
@@ -96,7 +99,7 @@ def load(directory: str | Path, model: nn.Module | None = None, *, convert: bool
         except TypeError as e:
             raise PrunqError(f"{d / MANIFEST_FILE}: model: {e}") from None
     model = rebuild(model, manifest, str(d / MANIFEST_FILE))
-    state = load_state(d / MODEL_FILE)
+    state = load_state(inside_run(d, MODEL_FILE))
     _load_strict(model, state, d / MODEL_FILE)
     if convert:
         from prunq.quant.prepare import convert as bake

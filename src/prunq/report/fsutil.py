@@ -143,6 +143,30 @@ def is_prunq_run(path: Path) -> bool:
     return False
 
 
+def inside_run(run_dir: str | os.PathLike[str], *parts: str) -> Path:
+    """``run_dir / parts`` for reading or writing a file of a run, refusing to follow a link out of it.
+
+    Every component below ``run_dir`` must not be a symbolic link (a ``recipe.yaml`` linked to an SSH key
+    would be copied into the report; a linked ``plots/`` would make prunq write anywhere). ``run_dir``
+    itself is the user's choice and may be a link.
+
+    >>> import tempfile; from pathlib import Path
+    >>> d = Path(tempfile.mkdtemp()); (d / "secret").write_text("x"); (d / "run").mkdir()
+    1
+    >>> (d / "run" / "recipe.yaml").symlink_to(d / "secret")
+    >>> inside_run(d / "run", "recipe.yaml")
+    Traceback (most recent call last):
+    ...
+    prunq.core.errors.PrunqError: ...recipe.yaml: is a symbolic link; prunq does not follow links inside a run directory
+    """
+    path = Path(run_dir)
+    for part in parts:
+        path = path / part
+        if path.is_symlink():
+            raise PrunqError(f"{path}: is a symbolic link; prunq does not follow links inside a run directory")
+    return path
+
+
 def _not_a_run(final: Path) -> PrunqError:
     return PrunqError(
         f"--out: {final} exists and is not a prunq run directory (no model.json or sweep.json written by "

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from prunq.core.errors import PrunqError
-from prunq.report.fsutil import atomic_write_text
+from prunq.report.fsutil import atomic_write_text, inside_run
 from prunq.report.plots import (
     finite,
     format_metric,
@@ -195,7 +195,7 @@ def load_metrics(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     ``dense.bops``, ``layers[0,3].macs``). Extra keys are kept; optional ones may be absent.
     """
     run_dir = Path(run_dir)
-    path = run_dir / "metrics.json"
+    path = inside_run(run_dir, "metrics.json")
     if not run_dir.is_dir():
         raise PrunqError(f"{run_dir}: no such run directory")
     try:
@@ -217,7 +217,7 @@ def load_metrics(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _load_recipe_text(run_dir: Path) -> str | None:
-    path = run_dir / "recipe.yaml"
+    path = inside_run(run_dir, "recipe.yaml")
     if not path.is_file():
         return None
     text = path.read_text(encoding="utf-8")
@@ -439,10 +439,10 @@ def _previews(run_dir: Path, task: str) -> str | None:
     from prunq.pipeline.io import PREVIEWS_FILE, load_state
     from prunq.tasks import render_previews
 
-    path = run_dir / PREVIEWS_FILE
+    path = inside_run(run_dir, PREVIEWS_FILE)
     if not path.is_file():
         return None
-    figures = render_previews(task, load_state(path), run_dir / "plots")
+    figures = render_previews(task, load_state(path), inside_run(run_dir, "plots"))
     if not figures:
         return None
     (caption, main), *panels = figures
@@ -469,8 +469,8 @@ def render_report(run_dir: str | os.PathLike[str]) -> Path:
     metrics = load_metrics(run_dir)
     recipe_text = _load_recipe_text(run_dir)
     layers = [layer for layer in metrics["layers"] if isinstance(layer, Mapping)]
-    plot_layers(layers, run_dir / "plots" / "layers.png")
-    plot_stages(metrics, run_dir / "plots" / "stages.png")
+    plot_layers(layers, inside_run(run_dir, "plots", "layers.png"))
+    plot_stages(metrics, inside_run(run_dir, "plots", "stages.png"))
 
     name = str(metrics.get("metric_name"))
     hib = bool(metrics.get("higher_is_better"))
@@ -500,7 +500,7 @@ def render_report(run_dir: str | os.PathLike[str]) -> Path:
         fence = _fence(recipe_text)
         parts += ["## Recipe", "", "The resolved recipe (`recipe.yaml`):", "", f"{fence}yaml",
                   recipe_text.rstrip("\n"), fence, ""]
-    return atomic_write_text(run_dir / "report.md", "\n".join(parts))
+    return atomic_write_text(inside_run(run_dir, "report.md"), "\n".join(parts))
 
 
 # --------------------------------------------------------------------------------------------------
