@@ -203,3 +203,37 @@ def test_no_command_follows_a_link_out_of_a_run_directory(good_run, tmp_path, li
     assert sorted(p.name for p in outside.iterdir()) == ["secret.yaml"]  # nothing written out there
     report = run / "report.md"
     assert not report.exists() or "PRIVATE" not in report.read_text()
+
+
+def _slow_recipe(tmp_path):
+    data = {**TINY, "dense": {**TINY["dense"], "steps": 4000}}
+    return _recipe(tmp_path, data, "slow.yaml")
+
+
+def test_sigterm_is_handled_like_ctrl_c(tmp_path):
+    """Issue 10: SIGTERM printed nothing and left a hidden temp dir beside --out."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "prunq", "compress", _slow_recipe(tmp_path), "--out", out, "--quiet"],
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    time.sleep(6)  # well into dense training
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err.strip() == "prunq: terminated (SIGTERM); nothing was written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slow.yaml"]  # no run, no temp dir, no lock
+
+
+def test_a_second_run_into_the_same_out_stops_at_once(tmp_path):
+    """Issue 10: two runs into one --out both exited 0 and the last silently won."""
+    from prunq.report.fsutil import atomic_dir
+
+    out = tmp_path / "run"
+    held = atomic_dir(out)  # another run is writing `out`
+    try:
+        proc = _cli("compress", _recipe(tmp_path, TINY), "--out", out, "--quiet")
+        assert proc.returncode == 2 and "is being written by another prunq run" in proc.stderr
+    finally:
+        held._release()
+    assert not out.exists() and not (tmp_path / ".run.lock").exists()

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from prunq.core.errors import PrunqError
@@ -146,9 +148,19 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that half-written runs are cleaned up like on Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``prunq`` command."""
     args = _parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         return {"compress": cmd_compress, "sweep": cmd_sweep, "report": cmd_report, "evaluate": cmd_evaluate}[
             args.command
@@ -159,6 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("prunq: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("prunq: terminated (SIGTERM); nothing was written", file=sys.stderr)
+        return 143
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -174,6 +174,39 @@ def _not_a_run(final: Path) -> PrunqError:
     )
 
 
+class _OutLock:
+    """An exclusive, non-blocking ``flock`` on ``.<name>.lock`` beside ``final`` for the life of a run.
+
+    The kernel drops the lock when the process dies (even by SIGKILL), so a stale lock never blocks a
+    later run; the lock file is removed on release.
+    """
+
+    def __init__(self, final: Path) -> None:
+        self.path = final.parent / f".{final.name}.lock"
+        self.fd: int | None = None
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no lock
+            return
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise PrunqError(f"--out: {final} is being written by another prunq run (lock {self.path})") from None
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self.fd)  # closing releases the flock
+            self.fd = None
+
+
 class atomic_dir:  # noqa: N801 - used like a function: ``with atomic_dir(out, overwrite) as tmp:``
     """Build a directory in a fresh sibling temp dir and move it onto ``final`` only on success.
 
@@ -202,7 +235,17 @@ class atomic_dir:  # noqa: N801 - used like a function: ``with atomic_dir(out, o
         self.final = Path(final)
         self.overwrite = overwrite
         self.tmp: Path | None = None
+        self._lock: _OutLock | None = None
         self._check()
+        self._lock = _OutLock(self.final)  # a second run aimed at the same --out stops here, at once
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __del__(self) -> None:
+        self._release()
 
     def _check(self) -> None:
         if not (self.final.exists() or self.final.is_symlink()):
@@ -233,15 +276,18 @@ class atomic_dir:  # noqa: N801 - used like a function: ``with atomic_dir(out, o
     ) -> None:
         assert self.tmp is not None, "atomic_dir.__exit__ without __enter__"
         tmp, self.tmp = self.tmp, None
-        if exc_type is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-            return None  # re-raise
         try:
-            self._commit(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return None
+            if exc_type is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return None  # re-raise
+            try:
+                self._commit(tmp)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            return None
+        finally:
+            self._release()
 
     def _commit(self, tmp: Path) -> None:
         final = self.final
