@@ -57,7 +57,9 @@ def _recipe(args):
         if "=" not in item:
             raise PrunqError(f"--set: expected KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        changes[key.strip()] = yaml.safe_load(value)
+        from prunq.pipeline.recipes import read_yaml
+
+        changes[key.strip()] = read_yaml(value, f"--set {key.strip()}")
     if changes:
         try:
             recipe = recipe.with_(**changes)

@@ -114,3 +114,42 @@ def test_quant_enabled_through_with_and_the_schema_is_a_discriminated_union():
     items = Recipe.json_schema()["properties"]["methods"]["items"]
     assert items["discriminator"]["propertyName"] == "kind"
     assert {"prune", "quantize"} <= set(items["discriminator"]["mapping"])
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "the recipe is empty"),
+        ("# only a comment\n", "the recipe is empty"),
+        ("a: &x [1, 2]\nb: *x\n", "aliases (*name) are not allowed"),
+        ("prune: {sparsity: 0.5}\nprune: {sparsity: 0.9}\n", "duplicate key 'prune'"),
+        ("prune:\n  finetune: {lr: .inf}\n", "prune.finetune.lr: Input should be a finite number"),
+        ("task: {batch_size: 1000000000000}\n", "task.batch_size"),
+        ("seed: 100000000000000000000\n", "seed"),
+        ("prune: [unclosed\n", "not valid YAML"),
+    ],
+)  # fmt: skip
+def test_hostile_recipe_files_are_one_line_errors(tmp_path, text, message):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    with pytest.raises(PrunqError) as e:
+        load_recipe(p)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_recipe_that_is_not_utf8_is_a_one_line_error(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_bytes(b"prune: {sparsity: 0.5}\n\xff\xfe")
+    with pytest.raises(PrunqError, match="not UTF-8"):
+        load_recipe(p)
+
+
+def test_alias_bomb_is_refused_before_expansion(tmp_path):
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi")
+    )
+    p = tmp_path / "bomb.yaml"
+    p.write_text(bomb)
+    with pytest.raises(PrunqError) as e:
+        load_recipe(p)
+    assert len(str(e.value)) < 300

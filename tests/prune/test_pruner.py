@@ -525,3 +525,16 @@ def test_scores_and_sizes_feed_allocate_without_touching_the_model():
     p.prune(0.9)
     for layer in p.layers:
         assert torch.equal(p._group_mask(layer), results[1][layer.name])
+
+
+def test_a_pattern_that_matches_no_layer_is_an_error_naming_it():
+    """Issue 10: an override or exclude pattern matching no layer was silently accepted."""
+    from torch import nn as _nn
+
+    from prunq.core.errors import PrunqError as _E
+
+    m = _nn.Sequential(_nn.Linear(4, 4), _nn.Linear(4, 2))
+    with pytest.raises(_E, match="prune.exclude: pattern 'fc\\*' matches no layer"):
+        Pruner(m, PruneConfig(exclude=("fc*",), criterion="magnitude"))
+    with pytest.raises(_E, match="prune.overrides: pattern 'conv1' matches no layer"):
+        Pruner(m, PruneConfig(overrides={"conv1": 0.5}, criterion="magnitude"))

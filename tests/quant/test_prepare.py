@@ -275,3 +275,10 @@ def test_resumed_qat_keeps_the_loaded_steps_through_calibrate() -> None:
     resumed.load_state_dict(state)
     calibrate(resumed, BATCHES)  # re-ranging activations only
     assert torch.equal(weight_quantizer(resumed.conv1).step, weight_quantizer(model.conv1).step)
+
+
+def test_quant_patterns_must_match_a_layer() -> None:
+    with pytest.raises(PrunqError, match="quant.overrides: pattern 'nope' matches no layer"):
+        prepare(Tiny(), QuantConfig(overrides={"nope": {"weight_bits": 8}}))
+    with pytest.raises(PrunqError, match="quant.exclude: pattern 'x\\*' matches no layer"):
+        prepare(Tiny(), QuantConfig(exclude=("x*",)))

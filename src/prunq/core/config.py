@@ -106,7 +106,7 @@ Fraction = Annotated[float, Field(ge=0, le=1)]
 class Config(BaseModel):
     """Base of every prunq config: frozen, unknown keys refused, errors that name the field."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     #: How errors of keyword construction name a field: ``"<prefix>.<field>: <why>"``.
     error_prefix: ClassVar[str] = ""
 

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from prunq.core.errors import PrunqError
+
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 COMPRESSIBLE: tuple[type[nn.Module], ...] = (*_CONV, *_CONV_T, nn.Linear)
@@ -28,6 +30,16 @@ def is_compressible(module: nn.Module) -> bool:
 def matches(name: str, patterns: Iterable[str]) -> bool:
     """Shell-style name match (``fnmatch``): ``"fc*"``, ``"*.conv1"``, ``"layer1.*"``."""
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def check_patterns(model: nn.Module, patterns: Iterable[str], field: str) -> None:
+    """Every name pattern must match at least one compressible layer; a typo is an error naming it
+    (it would otherwise be silently ignored and the resolved recipe would record it as if it applied)."""
+    names = [n for n, m in model.named_modules() if is_compressible(m)]
+    for pat in patterns:
+        if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+            raise PrunqError(f"{field}: pattern {pat!r} matches no layer (layers: {', '.join(names[:6])}"
+                             + (", ..." if len(names) > 6 else "") + ")")
 
 
 def compressible_layers(model: nn.Module, exclude: Iterable[str] = ()) -> Iterator[tuple[str, nn.Module]]:

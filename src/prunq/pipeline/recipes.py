@@ -29,7 +29,7 @@ class TaskSpec(Config):
 
     name: str = "digits"
     data_dir: str | None = None
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, le=1 << 20)
     options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -247,10 +247,48 @@ def load_recipe(path: str | Path) -> Recipe:
     if not p.is_file():
         raise PrunqError(f"{p}: recipe file not found")
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise PrunqError(f"{p}: not valid YAML ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PrunqError(f"{p}: not UTF-8 text (byte {e.start})") from None
+    data = read_yaml(text, str(p))
+    if data is None:
+        raise PrunqError(f"{p}: the recipe is empty (write at least one section, e.g. task: {{name: digits}})")
     return parse_recipe(data, str(p))
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses aliases (a few hundred bytes of anchors expand to gigabytes before
+    any check could run) and duplicate keys (YAML keeps the last one silently)."""
+
+    def compose_node(self, parent, index):  # noqa: D102
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a recipe", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):  # noqa: D102
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(text: str, source: str) -> Any:
+    """Parse YAML with :class:`_StrictLoader`; any error is one line naming ``source``."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506  (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        where = next((ln.strip() for ln in lines if "line" in ln), "")
+        raise PrunqError(f"{source}: not valid YAML ({e.__class__.__name__}: {lines[0][:200]}{'; ' + where if where else ''})") from None
+    except RecursionError:
+        raise PrunqError(f"{source}: not valid YAML (nested too deeply)") from None
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -31,7 +31,7 @@ from torch import nn
 from prunq.core.config import Ema, Fraction, MethodConfig, Sparsity, TrainConfig, check_sparsity
 from prunq.core.errors import PrunqError
 from prunq.core.layers import (
-    canonical_shape, compressible_layers, from_canonical, is_compressible, matches, to_canonical,
+    canonical_shape, check_patterns, compressible_layers, from_canonical, is_compressible, matches, to_canonical,
 )  # fmt: skip
 from prunq.core.sharing import parameter_holders, shared_weight_users, stored_weight
 from prunq.prune import masks
@@ -496,6 +496,8 @@ class Pruner:
 # -- which tensors are pruned --------------------------------------------------------------------------
 def _find_layers(model: nn.Module, config: PruneConfig) -> list[_Layer]:
     """One :class:`_Layer` per prunable *tensor*: modules sharing a weight are its sharers."""
+    check_patterns(model, config.exclude, "prune.exclude")
+    check_patterns(model, config.overrides, "prune.overrides")
     shared = shared_weight_users(model)
     holders = parameter_holders(model)
     layers: list[_Layer] = []

@@ -26,7 +26,7 @@ from torch.nn.utils import parametrize
 from prunq.core import parametrize as P
 from prunq.core.config import Bits, Config, MethodConfig, Percentile, TrainConfig
 from prunq.core.errors import PrunqError
-from prunq.core.layers import compressible_layers, is_compressible
+from prunq.core.layers import check_patterns, compressible_layers, is_compressible
 from prunq.core.records import CONVERTED_BITS, CONVERTED_STEP, INPUT_QUANTIZER, PRUNED_FLAG
 from prunq.core.sharing import shared_weight_users, stored_weight
 from prunq.prune.masks import get_mask, original
@@ -131,6 +131,8 @@ def quant_plan(model: nn.Module, config: QuantConfig) -> dict[str, dict[str, Any
     None}}`` with ``meta`` = ``{"bits", "per_channel", "power_of_two"}`` — what the manifest's ``quantize``
     transform records and :func:`prepare_layers` replays. Layers whose bits are both float are left out.
     """
+    check_patterns(model, config.exclude, "quant.exclude")
+    check_patterns(model, config.overrides, "quant.overrides")
     plan: dict[str, dict[str, Any]] = {}
     for name, _ in compressible_layers(model, config.exclude):
         wb, ab = bits_for(config, name)
