@@ -173,3 +173,25 @@ def test_load_converted_gives_the_same_outputs_without_parametrizations(tmp_path
     x = torch.rand(5, 6)
     assert not any(hasattr(mod, "parametrizations") for mod in baked.modules())
     assert torch.allclose(fq(x), baked(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("corrupt, message", [("nan", "holds non-finite values"), ("mask", "is not a binary mask")])
+def test_load_refuses_non_finite_weights_and_non_binary_masks(tmp_path, corrupt, message):
+    from safetensors.torch import load_file, save_file
+
+    from prunq.prune.masks import attach_mask
+
+    m = nn.Sequential(nn.Linear(3, 2))
+    attach_mask(m[0])
+    manifest = {"format": 2, "model": {"origin": "user"}, "transforms": [{"op": "mask", "layers": ["0"]}]}
+    save((m, manifest), tmp_path / "r")
+    f = tmp_path / "r" / MODEL_FILE
+    state = load_file(str(f))
+    if corrupt == "nan":
+        state["0.parametrizations.weight.original"][0, 0] = float("nan")
+    else:
+        state["0.parametrizations.weight.0.mask"][0, 0] = 0.5
+    save_file(state, str(f))
+    fresh = nn.Sequential(nn.Linear(3, 2))
+    with pytest.raises(PrunqError, match=message):
+        load(tmp_path / "r", model=fresh)

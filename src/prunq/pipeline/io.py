@@ -101,11 +101,22 @@ def load(directory: str | Path, model: nn.Module | None = None, *, convert: bool
     model = rebuild(model, manifest, str(d / MANIFEST_FILE))
     state = load_state(inside_run(d, MODEL_FILE))
     _load_strict(model, state, d / MODEL_FILE)
+    _check_values(state, d / MODEL_FILE)
     if convert:
         from prunq.quant.prepare import convert as bake
 
         bake(model)
     return model.eval()
+
+
+def _check_values(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Loaded weights must be finite and pruning masks binary (a corrupted or crafted file otherwise loads
+    and evaluates silently)."""
+    for key, v in state.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise PrunqError(f"{path}: {key} holds non-finite values")
+        if key.endswith(".mask") and not bool(((v == 0) | (v == 1)).all()):
+            raise PrunqError(f"{path}: {key} is not a binary mask")
 
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
