@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from prunq.core.errors import PrunqError
+from prunq.core.layers import stored_weight
 from prunq.core.manifest import register_transform
 
 __all__ = ["DecomposedAttention", "decompose_attention_"]
@@ -157,7 +158,7 @@ class DecomposedAttention(nn.Module):
                 f"DecomposedAttention.like: expected an nn.MultiheadAttention, a DecomposedAttention or a dict "
                 f"of constructor arguments, got {type(src).__name__}"
             )
-        w = _stored_weight(src.out_proj)
+        w = stored_weight(src.out_proj)
         return cls(
             src.embed_dim,
             src.num_heads,
@@ -206,7 +207,7 @@ class DecomposedAttention(nn.Module):
     def to_mha(self) -> nn.MultiheadAttention:
         """An ``nn.MultiheadAttention`` computing the same function (effective weights: masks and
         quantizers baked in), e.g. for export to runtimes that fuse attention."""
-        w = _stored_weight(self.out_proj)
+        w = stored_weight(self.out_proj)
         mha = nn.MultiheadAttention(
             self.embed_dim,
             self.num_heads,
@@ -353,14 +354,6 @@ class DecomposedAttention(nn.Module):
         if self.kdim != self.embed_dim or self.vdim != self.embed_dim:
             s += f", kdim={self.kdim}, vdim={self.vdim}"
         return s
-
-
-def _stored_weight(module: nn.Module) -> torch.Tensor:
-    # The stored weight (the original under a parametrization): its device and dtype, without recomputing.
-    p = getattr(module, "parametrizations", None)
-    if p is not None and "weight" in p:
-        return p["weight"].original
-    return module.weight
 
 
 def decompose_attention_(model: nn.Module) -> list[str]:

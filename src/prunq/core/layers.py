@@ -68,7 +68,7 @@ def out_channels(module: nn.Module) -> int:
 
 def canonical_shape(module: nn.Module, shape: torch.Size | None = None) -> tuple[int, ...]:
     """Shape of the canonical view ``(out, in_per_group, *kernel)`` of ``module.weight``."""
-    shape = tuple(shape if shape is not None else _raw_weight(module).shape)
+    shape = tuple(shape if shape is not None else stored_weight(module).shape)
     if isinstance(module, _CONV_T):
         g = _groups(module)
         in_ch, out_pg, *k = shape
@@ -76,9 +76,12 @@ def canonical_shape(module: nn.Module, shape: torch.Size | None = None) -> tuple
     return shape
 
 
-def _raw_weight(module: nn.Module) -> torch.Tensor:
-    # Under a parametrization, ``module.weight`` recomputes the effective weight; the original
-    # parameter has the same shape, so read that to avoid work.
+def stored_weight(module: nn.Module) -> torch.Tensor:
+    """The tensor ``module`` stores as its weight: the parametrization's ``original`` when parametrized.
+
+    Under a parametrization, ``module.weight`` recomputes the effective weight; the stored one has the
+    same shape, device and dtype and identifies the tensor (shared weights, memory counted once).
+    """
     p = getattr(module, "parametrizations", None)
     if p is not None and "weight" in p:
         return p["weight"].original
@@ -120,7 +123,7 @@ def forward_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int
     >>> forward_macs(conv, x, conv(x))  # 3 samples x (2 x 3 x 3 outputs) x (4 x 3 x 3 weights)
     1944
     """
-    w = _raw_weight(module)
+    w = stored_weight(module)
     if isinstance(module, _CONV_T):
         return inp.numel() * w.shape[1] * math.prod(w.shape[2:])
     return out.numel() * w[0].numel()
@@ -133,5 +136,5 @@ def is_unbatched_input(module: nn.Module, inp: torch.Tensor) -> bool:
     vector is unbatched too. Any other Linear input is ambiguous, hence False.
     """
     if isinstance(module, (*_CONV, *_CONV_T)):
-        return inp.dim() == _raw_weight(module).dim() - 1
+        return inp.dim() == stored_weight(module).dim() - 1
     return inp.dim() == 1

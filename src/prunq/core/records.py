@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrize import type_before_parametrizations
 
-from prunq.core.layers import is_compressible, matches, to_canonical
+from prunq.core.layers import is_compressible, matches, stored_weight, to_canonical
 from prunq.core.qparams import QParams
 
 #: The activation quantizer of a compressed layer's input: a child module of this name.
@@ -80,12 +80,6 @@ class LayerRecord:
         return self.act_q.bits if self.act_q is not None else 32
 
 
-def _stored(module: nn.Module) -> torch.Tensor:
-    if parametrize.is_parametrized(module, "weight"):
-        return module.parametrizations["weight"].original
-    return module.weight
-
-
 def _weight_parts(module: nn.Module) -> tuple[torch.Tensor | None, QParams | None]:
     """(raw mask, weight QParams) from the parametrizations, or from ``convert()``'s buffers."""
     mask = None
@@ -125,7 +119,7 @@ def layer_record(name: str, module: nn.Module) -> LayerRecord:
         weight_q=wq,
         act_q=aq,
         bias=bias.detach() if isinstance(bias, torch.Tensor) else None,
-        stored_id=id(_stored(module)),
+        stored_id=id(stored_weight(module)),
         pruned=mask is not None or bool(getattr(module, PRUNED_FLAG, False)),
     )
 
