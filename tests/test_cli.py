@@ -72,6 +72,25 @@ def test_the_trained_dense_model_is_kept_and_reusable(good_run, tmp_path):
     assert not (tmp_path / "again" / "dense.safetensors").exists()  # loaded, not trained: nothing new to keep
 
 
+def test_the_same_recipe_and_seed_give_byte_identical_files(good_run, tmp_path):
+    """Issue 10: model.safetensors bytes differed between runs (safetensors' metadata order); timings made
+    metrics.json differ. Both are reproducible now; wall times live in timing.json."""
+    import hashlib
+
+    recipe, first = good_run
+    again = tmp_path / "again"
+    proc = _cli("compress", recipe, "--out", again, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    same = ["model.safetensors", "model.json", "metrics.json", "recipe.yaml", "dense.safetensors"]
+    for name in same:
+        digest = [hashlib.sha256((d / name).read_bytes()).hexdigest() for d in (first, again)]
+        assert digest[0] == digest[1], name
+    assert "total_s" in json.loads((again / "timing.json").read_text())
+    assert "timing" not in json.loads((again / "metrics.json").read_text())
+    modes = {p.name: p.stat().st_mode & 0o777 for p in again.iterdir() if p.is_file()}
+    assert len(set(modes.values())) == 1, modes  # safetensors files were 0600, the rest 0644
+
+
 def test_existing_out_needs_overwrite(good_run, capsys):
     recipe, out = good_run
     before = (out / "metrics.json").read_text()

@@ -43,7 +43,7 @@ def test_save_and_load_a_masked_user_model(tmp_path):
     assert json.loads((out / "metrics.json").read_text()) == {"metric": 0.5}
     assert json.loads((out / MANIFEST_FILE).read_text()) == manifest
     with safe_open(str(out / MODEL_FILE), "pt") as f:  # the full state dict: shadow weights, mask, bias
-        assert f.metadata() == {"format": "prunq", "version": "2"}
+        assert f.metadata() == {"prunq_manifest_format": "2"}
         assert set(f.keys()) == {"0.bias", "0.parametrizations.weight.original", "0.parametrizations.weight.0.mask"}
 
     with pytest.raises(PrunqError, match=r"your own model \(Sequential\); pass a fresh instance"):
@@ -195,3 +195,17 @@ def test_load_refuses_non_finite_weights_and_non_binary_masks(tmp_path, corrupt,
     fresh = nn.Sequential(nn.Linear(3, 2))
     with pytest.raises(PrunqError, match=message):
         load(tmp_path / "r", model=fresh)
+
+
+def test_the_same_model_gives_the_same_bytes_and_the_usual_file_mode(tmp_path):
+    model = _masked_linear()
+    manifest = _manifest({"op": "mask", "layers": ["0"]})
+    a, *others = [save((model, manifest), tmp_path / f"r{i}") for i in range(6)]
+    for b in others:  # safetensors writes several metadata keys in a random order, file after file
+        for name in (MODEL_FILE, MANIFEST_FILE):
+            assert (a / name).read_bytes() == (b / name).read_bytes()
+    probe = tmp_path / "probe"
+    probe.write_text("x")  # what any file written here gets (0666 less the umask)
+    assert (a / MODEL_FILE).stat().st_mode & 0o777 == probe.stat().st_mode & 0o777
+    save_tensors(tmp_path / "t.safetensors", {"x": torch.ones(2)})
+    assert (tmp_path / "t.safetensors").stat().st_mode & 0o777 == probe.stat().st_mode & 0o777

@@ -60,8 +60,12 @@ def _metrics() -> dict:
 
 
 def _write_run(tmp_path: Path, metrics: dict, recipe: str | None = "task: digits\nmodel: {name: lenet}\n") -> Path:
+    """A run as prunq writes it: the timings in timing.json, beside metrics.json."""
     run = tmp_path / "run"
     run.mkdir()
+    metrics = dict(metrics)
+    if "timing" in metrics:
+        (run / "timing.json").write_text(json.dumps(metrics.pop("timing")))
     (run / "metrics.json").write_text(json.dumps(metrics))
     if recipe is not None:
         (run / "recipe.yaml").write_text(recipe)
@@ -94,6 +98,16 @@ def test_render_report(tmp_path):
         assert f"]({png})" in text
         assert (run / png).read_bytes()[:8] == PNG_MAGIC
     assert not [p.name for p in run.rglob(".*")]  # no temporaries left behind
+
+
+def test_timings_of_older_runs_are_read_from_metrics_json_and_a_broken_timing_json_is_left_out(tmp_path):
+    run = _write_run(tmp_path, _metrics())
+    (run / "metrics.json").write_text(json.dumps(_metrics()))  # before timing.json existed
+    (run / "timing.json").unlink()
+    assert "1 h 07 min" in render_report(run).read_text()
+    (run / "timing.json").write_text("{not json")
+    text = render_report(run).read_text()
+    assert "## Timing" not in text and "## Headline" in text
 
 
 def test_render_report_minimal_metrics(tmp_path):

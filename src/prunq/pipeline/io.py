@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from prunq.core.errors import PrunqError
@@ -19,20 +20,42 @@ MODEL_FILE = "model.safetensors"
 MANIFEST_FILE = "model.json"
 PREVIEWS_FILE = "previews.safetensors"
 DENSE_FILE = "dense.safetensors"
+TIMING_FILE = "timing.json"
+
+
+#: The one metadata entry of ``model.safetensors``. One key on purpose: safetensors writes its metadata
+#: from a hash map, so two keys come out in either order and the same model would give different bytes.
+MODEL_METADATA_KEY = "prunq_manifest_format"
+
+
+def tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The safetensors encoding of named tensors (detached, contiguous, on the CPU): the same tensors give
+    the same bytes (tensors are laid out by dtype and name; at most one metadata key, see above). Each
+    tensor is copied: tied weights share storage, which safetensors refuses."""
+    if metadata is not None and len(metadata) > 1:
+        raise ValueError("one metadata key at most: safetensors orders several at random")
+    return safetensors_bytes({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, metadata=metadata)
 
 
 def save_model(directory: Path, model: nn.Module, manifest: dict[str, Any]) -> None:
-    """Write ``model.safetensors`` (the full state dict: shadows, masks, quantizer steps) and ``model.json``."""
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(
-        state, str(directory / MODEL_FILE), metadata={"format": "prunq", "version": str(manifest.get("format", 1))}
-    )
-    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    """Write ``model.safetensors`` (the full state dict: shadows, masks, quantizer steps) and ``model.json``.
+
+    Byte-for-byte reproducible: the same weights and manifest give the same files (checksum them)."""
+    state = model.state_dict()
+    meta = {MODEL_METADATA_KEY: str(manifest.get("format", 1))}
+    write_bytes(directory / MODEL_FILE, tensor_bytes(state, meta))
+    write_bytes(directory / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write named tensors as safetensors (detached, contiguous, on the CPU): previews, dense weights."""
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    """Write named tensors as safetensors: previews, dense weights (reproducible bytes, usual file mode)."""
+    write_bytes(path, tensor_bytes(tensors))
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write a file with the mode every other file of a run gets (0666 less the umask; safetensors' own
+    writer makes private 0600 files)."""
+    Path(path).write_bytes(data)
 
 
 def load_state(path: str | Path) -> dict[str, torch.Tensor]:

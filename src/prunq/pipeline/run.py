@@ -52,6 +52,9 @@ class CompressResult:
     history: list[dict]
     previews: dict[str, Any] = field(default_factory=dict)
     dense_state: dict[str, Any] | None = None  # the dense weights, when the run trained them
+    #: Wall time per stage (``timing.json``): kept out of ``metrics.json`` so that the same recipe and seed
+    #: give a byte-identical ``metrics.json``.
+    timing: dict[str, float] = field(default_factory=dict)
 
 
 def as_recipe(recipe: Recipe | dict | str | Path | None) -> Recipe:
@@ -155,10 +158,10 @@ def build_metrics(
     stages: list[StageResult],
     final_cost: C.ModelCost,
     history: list[dict],
-    timing: dict[str, float],
     pruned_cost: C.ModelCost | None = None,
 ) -> dict[str, Any]:
-    """The ``metrics.json`` document (METHOD.md §5), plus per-layer encodings, the stages and timings.
+    """The ``metrics.json`` document (METHOD.md §5), plus per-layer encodings and the stages; no wall times
+    (they go to ``timing.json``), so that a run's metrics are reproducible byte for byte.
 
     ``pruned`` is the model after the last method that prunes (the dense model when none does);
     ``compressed`` the model after the last method.
@@ -193,7 +196,7 @@ def build_metrics(
             "weight_bits": wb, "act_bits": ab, "bops": final_cost.bops, "memory_bits": final_cost.memory_bits,
         },
         "stages": [
-            {"name": s.name, "kind": s.kind, "metric": s.metric, "seconds": s.seconds,
+            {"name": s.name, "kind": s.kind, "metric": s.metric,
              **({"sparsity": s.sparsity} if s.sparsity is not None else {})}
             for s in stages
         ],
@@ -205,7 +208,6 @@ def build_metrics(
         "entropy_bound_bits": sum(lc.entropy_bits for lc in final_cost.layers),
         "layers": layers,
         "history": history,
-        "timing": timing,
     }  # fmt: skip
 
 
@@ -259,11 +261,11 @@ def compress(
     pruned_cost = stage_cost(model, task, dense_cost) if last_prune >= 0 else None
     stages += run_methods(model, task, recipe.methods[last_prune + 1 :], first_position=last_prune + 1, **kw)
     final_cost = stage_cost(model, task, dense_cost)
-    timing = _timing(stages, time.perf_counter() - t_start)
-    metrics = build_metrics(task, dense, dense_cost, stages, final_cost, history, timing, pruned_cost)
+    metrics = build_metrics(task, dense, dense_cost, stages, final_cost, history, pruned_cost)
     manifest = make_manifest([dense, *stages], model_spec, model)
     previews.update(stage_previews(task, model, "compressed"))
-    return CompressResult(model, metrics, manifest, history, previews)
+    timing = _timing(stages, time.perf_counter() - t_start)
+    return CompressResult(model, metrics, manifest, history, previews, timing=timing)
 
 
 def stage_previews(task: Task, model: nn.Module, stage: str) -> dict[str, Any]:

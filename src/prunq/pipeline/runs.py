@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from prunq.core.errors import PrunqError
-from prunq.pipeline.io import DENSE_FILE, PREVIEWS_FILE, load_state, save_model, save_tensors
+from prunq.pipeline.io import DENSE_FILE, PREVIEWS_FILE, TIMING_FILE, load_state, save_model, save_tensors
 from prunq.pipeline.training import rng_devices
 from prunq.pipeline.run import CompressResult, check_task, compress, train_dense, zoo_spec
 from prunq.pipeline.recipes import Recipe, dump_recipe
@@ -53,11 +53,14 @@ def dense_model(recipe: Recipe, task: Task, *, quiet: bool = False) -> tuple[nn.
 
 
 def write_run(directory: Path, recipe: Recipe, result: CompressResult, *, render: bool = True) -> None:
-    """Write recipe.yaml, metrics.json, model.safetensors + model.json, previews.safetensors (when the task
-    has pictures to show), dense.safetensors (when the run trained its dense model) and the report."""
+    """Write recipe.yaml, metrics.json, timing.json, model.safetensors + model.json, previews.safetensors
+    (when the task has pictures to show), dense.safetensors (when the run trained its dense model) and the
+    report. Everything but timing.json and the report is byte-identical for the same recipe and seed."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "recipe.yaml").write_text(dump_recipe(recipe))
     (directory / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
+    if result.timing:
+        (directory / TIMING_FILE).write_text(json.dumps(result.timing, indent=2))
     save_model(directory, result.model, result.manifest)
     if result.previews:
         save_tensors(directory / PREVIEWS_FILE, result.previews)
@@ -79,7 +82,7 @@ def compress_recipe(recipe: Recipe, *, quiet: bool = False) -> CompressResult:
     if dense_hist:  # the dense metric is measured after training: plot it there
         result.metrics["history"][0]["step"] = recipe.dense.steps
     result.metrics["history"] = dense_hist + result.metrics["history"]
-    result.metrics["timing"]["dense_s"] = dense_s
-    result.metrics["timing"]["total_s"] += dense_s
+    result.timing["dense_s"] = dense_s
+    result.timing["total_s"] += dense_s
     result.dense_state = trained
     return result

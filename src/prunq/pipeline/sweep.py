@@ -75,10 +75,11 @@ def run_sweep(
             stages = head + tail
             cost = stage_cost(model, task, d_cost)
             timing = _timing(stages, sum(x.seconds for x in head) + time.perf_counter() - t0)
-            metrics = build_metrics(task, d_stage, d_cost, stages, cost, h, timing, p_cost)
+            metrics = build_metrics(task, d_stage, d_cost, stages, cost, h, p_cost)
             name = point_name(s, wb, ab)
             previews = {**d_previews, **stage_previews(task, model, "compressed")}
-            result = CompressResult(model, metrics, make_manifest([d_stage, *stages], zoo_spec(r, task), model), h, previews)
+            manifest = make_manifest([d_stage, *stages], zoo_spec(r, task), model)
+            result = CompressResult(model, metrics, manifest, h, previews, timing=timing)
             write_run(out / "runs" / name, r, result, render=render)
             last = stages[-1]
             rows.append({

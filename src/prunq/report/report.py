@@ -422,8 +422,18 @@ def _extra(metrics: Mapping[str, Any]) -> str | None:
                                                        "l" + "r" * len(stages))])
 
 
-def _timing(metrics: Mapping[str, Any]) -> str | None:
-    timing = metrics.get("timing")
+def _read_timing(run_dir: Path, metrics: Mapping[str, Any]) -> Any:
+    """``timing.json`` (older runs kept the timings in ``metrics.json``); unreadable means none."""
+    path = inside_run(run_dir, "timing.json")
+    if not path.is_file():
+        return metrics.get("timing")
+    try:
+        return json.loads(path.read_bytes()[: 1 << 20])
+    except (ValueError, RecursionError):
+        return None
+
+
+def _timing(timing: Any) -> str | None:
     if not isinstance(timing, Mapping) or not timing:
         return None
     names = {"dense_s": "dense training", "prune_s": "pruning + fine-tuning",
@@ -493,7 +503,7 @@ def render_report(run_dir: str | os.PathLike[str]) -> Path:
     pictures = _previews(run_dir, str(metrics.get("task")))
     if pictures:
         parts += [pictures, ""]
-    for block in (_extra(metrics), _timing(metrics)):
+    for block in (_extra(metrics), _timing(_read_timing(run_dir, metrics))):
         if block:
             parts += [block, ""]
     if recipe_text is not None:
