@@ -150,14 +150,14 @@ def test_hooks_run_in_order_and_the_history_is_logged_every_log_every_steps():
 
 
 def test_zero_steps_do_nothing_and_a_diverging_loss_names_the_stage():
-    from prunq.pipeline.training import fit
+    from prunq.pipeline.training import Diverged, fit
 
     model = _Scalar()
     history = [{"stage": "before"}]
     task = _ToyTask()
     assert fit(model, task, prunq.TrainConfig(steps=0), batch_size=1, seed=0, stage="t", history=history) is history
     assert history == [{"stage": "before"}] and task.seeds == [] and float(model.w.detach()) == 0.0
-    with pytest.raises(FloatingPointError, match=r"quant: loss is nan at step 0; lower the learning rate"):
+    with pytest.raises(Diverged, match=r"^quant: diverged at step 0: the loss is nan; lower the learning rate$"):
         fit(model, _ToyTask(c=float("nan")), prunq.TrainConfig(steps=3), batch_size=1, seed=0, stage="quant",
             quiet=True)  # fmt: skip
     assert float(model.w.detach()) == 0.0  # no step was taken
@@ -184,3 +184,90 @@ def test_sgd_without_momentum_is_a_valid_config():
     spec = prunq.TrainConfig(optimizer="sgd", momentum=0.0)  # validates: momentum >= 0
     opt = make_optimizer(torch.nn.Linear(3, 2).named_parameters(), spec)
     assert type(opt) is torch.optim.SGD and opt.param_groups[0]["momentum"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# The divergence guard (issue 10): non-finite loss, gradient, weight; a loss far above its level; bad data.
+# ---------------------------------------------------------------------------------------------------
+
+
+class _Scripted(_ToyTask):
+    """The loss at step t is ``values[t]`` (gradient 0 unless ``fn`` makes one); ``scale`` is the task's
+    loss_scale."""
+
+    def __init__(self, values, scale=None, fn=None, data=None):
+        super().__init__(batches_per_epoch=3)
+        self.values, self.scale, self.fn, self.data, self.t = values, scale, fn, data, 0
+
+    @property
+    def loss_scale(self):
+        return self.scale
+
+    def train_batches(self, batch_size, seed):
+        if self.data is not None:
+            return self.data
+        return super().train_batches(batch_size, seed)
+
+    def loss(self, model, batch):
+        v = self.values[min(self.t, len(self.values) - 1)]
+        self.t += 1
+        return (self.fn(model.w) if self.fn else model.w.sum() * 0.0) + v
+
+
+def _fit_scripted(task, steps=None, optimizer="adam", lr=1e-3, stage="prune"):
+    from prunq.pipeline.training import fit
+
+    return fit(_Scalar(), task, prunq.TrainConfig(steps=steps or len(task.values), optimizer=optimizer, lr=lr),
+               batch_size=1, seed=0, stage=stage, quiet=True)  # fmt: skip
+
+
+def test_a_pruning_cut_jump_is_tolerated_and_a_blow_up_stops_the_run():
+    from prunq.pipeline.training import Diverged
+
+    _fit_scripted(_Scripted([1.0, 1.0, 1.0, 1.0, 50.0, 1.0]))  # a cut: 50x the running level, then recovery
+    with pytest.raises(Diverged, match=r"^prune: diverged at step 4: the loss 150 is over 100x its level 1; "
+                                       r"lower the learning rate$"):  # fmt: skip
+        _fit_scripted(_Scripted([1.0, 1.0, 1.0, 1.0, 150.0]))
+
+
+def test_the_tasks_loss_scale_floors_the_reference_level():
+    """A converged model's tiny loss must not make every cut look like a divergence."""
+    from prunq.pipeline.training import Diverged
+
+    values = [1e-4] * 4 + [0.5]
+    _fit_scripted(_Scripted(values, scale=0.01))  # 0.5 < 100 * max(1e-4, 0.01)
+    with pytest.raises(Diverged, match="step 4"):
+        _fit_scripted(_Scripted(values))  # no scale: the first loss (1e-4) is the floor
+
+
+def test_a_non_finite_gradient_or_weight_stops_the_run_before_it_spreads():
+    from prunq.pipeline.training import Diverged
+
+    # sqrt(w) at w = 0: the loss is 0 (finite), its gradient is inf
+    with pytest.raises(Diverged, match=r"^quant: diverged at step 0: the gradient is not finite"):
+        _fit_scripted(_Scripted([0.0], fn=lambda w: w.abs().sqrt().sum()), stage="quant")
+    # plain SGD, gradient 1e30, lr 1e30: the weight overflows float32 (to -inf) in the first update
+    with pytest.raises(Diverged, match=r"^dense: diverged at step 0: a weight is not finite after the update"):
+        _fit_scripted(_Scripted([0.0], fn=lambda w: 1e30 * w.sum()), optimizer="sgd", lr=1e30, stage="dense")
+
+
+def test_non_finite_data_is_named_as_data_not_blamed_on_the_learning_rate():
+    from prunq.core.errors import PrunqError
+    from prunq.pipeline.training import Diverged
+
+    data = [(torch.ones(2),), (torch.tensor([1.0, float("nan")]),), (torch.ones(2),)]
+    with pytest.raises(PrunqError, match=r"^prune: training batch 1 of epoch 0 \(step 1\): tensor 0 of the batch "
+                                         r"holds NaN or inf \(the data, not the learning rate\)$") as e:  # fmt: skip
+        _fit_scripted(_Scripted([1.0] * 3, data=data))
+    assert not isinstance(e.value, Diverged)
+
+
+def test_adam_at_lr_1e6_on_the_digits_cnn_stops_within_a_few_steps():
+    """The probe's case: lr 1e6 drove the loss to 1e20 and prunq wrote a normal-looking run."""
+    from prunq.pipeline.training import Diverged, fit
+
+    task = get_task("digits")
+    model = task.build_model("digits_cnn", width=0.25)
+    with pytest.raises(Diverged, match=r"^dense: diverged at step [1-5]: ") as e:
+        fit(model, task, prunq.TrainConfig(steps=50, lr=1e6), batch_size=32, seed=0, stage="dense", quiet=True)
+    assert "\n" not in str(e.value)

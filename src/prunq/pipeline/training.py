@@ -4,26 +4,57 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.nn.utils import get_total_norm
 from tqdm.auto import tqdm
 
+from prunq.core.errors import PrunqError
 from prunq.tasks.base import Task
+
+
+class BatchStream:
+    """Training batches forever: shuffled epochs, a new shuffle (seed + epoch) each, with a position
+    (``epoch``, ``index`` within it) that a checkpoint records and :meth:`seek` restores.
+
+    The tasks' epochs depend only on their seed, so seeking replays the skipped batches of the epoch
+    (cheap next to training them) and yields exactly what an uninterrupted stream would.
+    """
+
+    def __init__(self, task: Task, batch_size: int, seed: int) -> None:
+        self.task, self.batch_size, self.seed = task, batch_size, seed
+        self.epoch, self.index = 0, 0
+        self._it: Iterator | None = None
+
+    def seek(self, epoch: int, index: int) -> None:
+        """Continue at batch ``index`` of epoch ``epoch``."""
+        self.epoch, self.index, self._it = int(epoch), 0, None
+        for _ in range(int(index)):
+            next(self)
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, ...]:
+        for _ in range(2):
+            if self._it is None:
+                self._it = iter(self.task.train_batches(self.batch_size, self.seed + self.epoch))
+            batch = next(self._it, None)
+            if batch is not None:
+                self.index += 1
+                return batch
+            if self.index == 0:
+                raise RuntimeError(f"task {self.task.name!r} yielded no training batch")
+            self.epoch, self.index, self._it = self.epoch + 1, 0, None
+        raise RuntimeError(f"task {self.task.name!r} yielded no training batch")  # pragma: no cover
 
 
 def batches_forever(task: Task, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, ...]]:
     """Cycle through shuffled epochs, a new shuffle (seed + epoch) each time."""
-    epoch = 0
-    while True:
-        n = 0
-        for batch in task.train_batches(batch_size, seed + epoch):
-            n += 1
-            yield batch
-        if n == 0:
-            raise RuntimeError(f"task {task.name!r} yielded no training batch")
-        epoch += 1
+    return BatchStream(task, batch_size, seed)
 
 
 def _decays(name: str, p: torch.Tensor) -> bool:
@@ -60,6 +91,45 @@ class Hooks(Protocol):
     def after_step(self, t: int) -> dict | None: ...  # noqa: D102
 
 
+#: A loss more than this many times above its reference level stops the run (see :func:`fit`).
+DIVERGENCE_FACTOR = 100.0
+
+
+class Diverged(PrunqError):
+    """Fine-tuning stopped: a non-finite loss, gradient or weight, or a loss far above its level."""
+
+
+@dataclass
+class FitState:
+    """Where a :func:`fit` is, for a checkpoint: steps done, the logged running loss and the divergence
+    reference, the optimizer's and the schedule's state, the RNG states, the data position. ``fit`` hands
+    one to its ``checkpoint`` callback and continues from one given as ``resume`` — bitwise as if never
+    stopped (on one thread)."""
+
+    step: int
+    running: float
+    first_loss: float
+    optimizer: dict[str, Any]
+    param_names: list[str]
+    scheduler: dict[str, Any] | None
+    rng: dict[str, torch.Tensor]
+    data: tuple[int, int]
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    out = {"cpu": torch.get_rng_state()}
+    for d in rng_devices():
+        out[f"cuda:{d}"] = torch.cuda.get_rng_state(d)
+    return out
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    for d in rng_devices():
+        if f"cuda:{d}" in state:
+            torch.cuda.set_rng_state(state[f"cuda:{d}"], d)
+
+
 def fit(
     model: nn.Module,
     task: Task,
@@ -75,6 +145,9 @@ def fit(
     history: list[dict] | None = None,
     log_every: int = 25,
     quiet: bool = False,
+    checkpoint: Callable[[FitState], None] | None = None,
+    checkpoint_every: int = 0,
+    resume: FitState | None = None,
 ) -> list[dict]:
     """Run ``spec.steps`` optimizer steps of ``task.loss`` (+ any extra loss terms) on ``model``.
 
@@ -84,6 +157,17 @@ def fit(
     log line of that step. The history gets one entry every ``log_every`` steps:
     ``{"stage", "step", "loss", ...}``. The global RNG is seeded with ``seed`` for the run (dropout,
     augmentation) and restored afterwards: a library call does not reseed the caller's process.
+
+    ``checkpoint(state)`` is called every ``checkpoint_every`` steps (not after the last) with a
+    :class:`FitState`; ``resume`` continues from one.
+
+    **Divergence guard**: every batch is checked by ``task.check_batch`` (non-finite data is named as
+    such, not blamed on the learning rate); the run stops with :class:`Diverged` — one line naming the
+    stage and step — when the loss, the gradient norm or the weight norm is not finite, or when the loss
+    exceeds ``DIVERGENCE_FACTOR`` (100) times its reference level: the larger of the running loss (the
+    logged exponential average, 0.9) and the task's ``loss_scale`` (the loss of an uninformed model,
+    e.g. ln(classes); without one, the stage's first loss). A pruning cut's jump stays well below that;
+    a learning rate that blows up crosses it within steps.
     """
     history = [] if history is None else history
     if spec.steps <= 0:
@@ -92,38 +176,66 @@ def fit(
         loss_terms, after_backward, after_step = hooks.loss_terms, hooks.after_backward, hooks.after_step
     with torch.random.fork_rng(devices=rng_devices()):
         torch.manual_seed(seed)
-        _fit(model, task, spec, batch_size, seed, stage, after_backward, after_step, loss_terms, history, log_every, quiet)
+        _fit(model, task, spec, batch_size, seed, stage, after_backward, after_step, loss_terms, history, log_every,
+             quiet, checkpoint, checkpoint_every, resume)  # fmt: skip
     return history
 
 
-def _fit(model, task, spec, batch_size, seed, stage, after_backward, after_step, loss_terms, history, log_every, quiet):
-    opt = make_optimizer(model.named_parameters(), spec)
+def _fit(model, task, spec, batch_size, seed, stage, after_backward, after_step, loss_terms, history, log_every, quiet,
+         checkpoint, checkpoint_every, resume):  # fmt: skip
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    opt = make_optimizer(named, spec)
+    names = [n for n, p in named if _decays(n, p)] + [n for n, p in named if not _decays(n, p)]  # optimizer order
     if spec.lr_schedule == "cosine":
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / spec.steps)))
     else:
         sched = None
-    data = batches_forever(task, batch_size, seed)
+    data = BatchStream(task, batch_size, seed)
+    running, first, start = 0.0, math.nan, 0
+    if resume is not None:
+        if list(resume.param_names) != names:
+            raise PrunqError(f"{stage}: the checkpoint's parameters do not match the model's; cannot resume")
+        opt.load_state_dict(resume.optimizer)
+        if sched is not None and resume.scheduler is not None:
+            sched.load_state_dict(resume.scheduler)
+        data.seek(*resume.data)
+        running, first, start = resume.running, resume.first_loss, resume.step
+        _set_rng_state(resume.rng)
+    scale = getattr(task, "loss_scale", None)
     was_training = model.training
     model.train()
-    running = 0.0
-    bar = tqdm(range(spec.steps), desc=stage, disable=True if quiet else None, leave=False, dynamic_ncols=True)
+    bar = tqdm(range(start, spec.steps), desc=stage, disable=True if quiet else None, leave=False,
+               dynamic_ncols=True, initial=start, total=spec.steps)  # fmt: skip
     for t in bar:
+        where = (data.epoch, data.index)
         batch = next(data)
+        try:
+            task.check_batch(batch)
+        except PrunqError as e:
+            raise PrunqError(f"{stage}: training batch {where[1]} of epoch {where[0]} (step {t}): {e}") from None
         loss = task.loss(model, batch)
         terms = loss_terms(model) if loss_terms is not None else {}
         for term in terms.values():
             loss = loss + term
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{stage}: loss is {loss.item()} at step {t}; lower the learning rate")
+        value = loss.item()
+        if t == 0:
+            first = value
+        _guard_loss(stage, t, value, running if t else value, scale if scale is not None else first)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if after_backward is not None:
             after_backward()
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads and not bool(torch.isfinite(get_total_norm(grads))):
+            raise Diverged(f"{stage}: diverged at step {t}: the gradient is not finite; lower the learning rate")
         opt.step()
         if sched is not None:
             sched.step()
+        if not bool(torch.isfinite(get_total_norm(params))):
+            raise Diverged(f"{stage}: diverged at step {t}: a weight is not finite after the update; lower the learning rate")
         extra = after_step(t) if after_step is not None else None
-        running = 0.9 * running + 0.1 * loss.item() if t else loss.item()
+        running = 0.9 * running + 0.1 * value if t else value
         if t % log_every == 0 or t == spec.steps - 1 or extra:
             entry = {"stage": stage, "step": t, "loss": running}
             entry.update({k: float(v.detach()) for k, v in terms.items()})
@@ -131,5 +243,22 @@ def _fit(model, task, spec, batch_size, seed, stage, after_backward, after_step,
                 entry.update(extra)
             history.append(entry)
             bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in entry.items() if k != "stage"})
+        if checkpoint is not None and checkpoint_every > 0 and (t + 1) % checkpoint_every == 0 and t + 1 < spec.steps:
+            checkpoint(FitState(
+                step=t + 1, running=running, first_loss=first, optimizer=opt.state_dict(), param_names=names,
+                scheduler=sched.state_dict() if sched is not None else None, rng=_rng_state(),
+                data=(data.epoch, data.index),
+            ))  # fmt: skip
     opt.zero_grad(set_to_none=True)
     model.train(was_training)
+
+
+def _guard_loss(stage: str, t: int, value: float, running: float, scale: float) -> None:
+    if not math.isfinite(value):
+        raise Diverged(f"{stage}: diverged at step {t}: the loss is {value}; lower the learning rate")
+    ref = max(running, scale)
+    if math.isfinite(ref) and ref > 0 and value > DIVERGENCE_FACTOR * ref:
+        raise Diverged(
+            f"{stage}: diverged at step {t}: the loss {value:.4g} is over {DIVERGENCE_FACTOR:g}x its level "
+            f"{ref:.4g}; lower the learning rate"
+        )

@@ -28,6 +28,24 @@ class Task(ABC):
     #: leading dimension; a task whose inputs are sequence-first ``(T, B, D)`` sets it (to 1, say).
     example_batch_size: int | None = None
 
+    @property
+    def loss_scale(self) -> float | None:
+        """The loss of an uninformed model (e.g. ln(classes) for cross-entropy): the floor of the
+        divergence guard's reference level (:func:`prunq.pipeline.training.fit`). None: the stage's first
+        loss serves instead."""
+        return None
+
+    def check_batch(self, batch: tuple[torch.Tensor, ...]) -> None:
+        """Refuse a training batch the loss cannot use; the default: every floating tensor is finite.
+
+        Raises :class:`~prunq.core.errors.PrunqError` naming the tensor; the runner adds the batch's place.
+        """
+        from prunq.core.errors import PrunqError
+
+        for i, t in enumerate(batch):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise PrunqError(f"tensor {i} of the batch holds NaN or inf (the data, not the learning rate)")
+
     @abstractmethod
     def build_model(self, name: str, **kwargs: Any) -> nn.Module:
         """A fresh (untrained) model from this task's zoo; unknown ``name`` raises PrunqError."""

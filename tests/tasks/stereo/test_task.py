@@ -108,3 +108,14 @@ def test_training_scene_cache_changes_no_value():
 def test_docstring_examples():
     result = doctest.testmod(task_module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_training_batches_are_checked_inf_marks_missing_ground_truth_nan_is_refused():
+    task = StereoTask(height=32, width=64, max_disp=16, n_train=2, n_val=1, eval_middlebury=False)
+    left, right, disp = next(iter(task.train_batches(1, 0)))
+    disp[..., 0] = float("inf")
+    task.check_batch((left, right, disp))  # no ground truth there: fine
+    for bad, what in (((left * float("nan"), right, disp), "left image"), ((left, right, disp * float("nan")), "NaN")):
+        with pytest.raises(PrunqError, match=what):
+            task.check_batch(bad)
+    assert task.loss_scale == 4.0  # max_disp / 4

@@ -89,6 +89,13 @@ class ClassificationTask(Task):
     model_names: tuple[str, ...] = ()
     in_channels: int = 1
     num_classes: int = 10
+
+    @property
+    def loss_scale(self) -> float:
+        """Cross-entropy of a uniform guess, ln(classes) (the divergence guard's floor)."""
+        import math
+
+        return math.log(max(2, self.num_classes))
     eval_batch_size: int = 500
 
     def __init__(

@@ -114,6 +114,21 @@ class StereoTask(Task):
         return {"max_disp": self.max_disp, **kwargs}
 
     # ------------------------------------------------------------------ data
+    @property
+    def loss_scale(self) -> float:
+        """Smooth-L1 of a constant guess halfway up the disparity range, about max_disp / 4 px (the
+        divergence guard's floor)."""
+        return self.max_disp / 4
+
+    def check_batch(self, batch) -> None:
+        """Images finite; disparity without NaN (inf marks pixels without ground truth)."""
+        names = ("left image", "right image")
+        for name, t in zip(names, batch[:2]):
+            if not bool(torch.isfinite(t).all()):
+                raise PrunqError(f"the {name} holds NaN or inf (the data, not the learning rate)")
+        if len(batch) > 2 and bool(torch.isnan(batch[2]).any()):
+            raise PrunqError("the disparity holds NaN (inf marks missing ground truth; NaN is not allowed)")
+
     def train_batches(self, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """One epoch (``n_train`` scenes) of ``(left, right, disp)`` in a seeded order; the last batch may
         be smaller. Depends only on ``(task seed, seed)``."""
