@@ -18,11 +18,11 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/prunq compress recipes/digits.yaml --out runs/demo --overwrite
+	$(BIN)/prunq compress recipes/digits.yaml --out runs/demo --overwrite --resume
 
 # The paper's target task: StereoNet trained on synthetic scenes, 95 % sparse, w4a8 (about 20 min on 2 cores).
 stereo: $(STAMP)
-	$(BIN)/prunq compress recipes/stereo.yaml --out runs/stereo --overwrite
+	$(BIN)/prunq compress recipes/stereo.yaml --out runs/stereo --overwrite --resume
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

@@ -1,6 +1,7 @@
 """The real CLI on good and bad input: outputs per METHOD.md §5, exit code 2 and nothing partial."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -160,7 +161,8 @@ def test_corrupt_checkpoint_in_run(good_run, tmp_path, capsys):
     assert "model.safetensors" in capsys.readouterr().err
 
 
-def test_sweep_writes_one_table_and_pareto_plots(tmp_path):
+@pytest.mark.slow
+def test_sweep_writes_one_table_and_pareto_plots_and_resumes_after_a_kill(tmp_path):
     data = json.loads(json.dumps(TINY))
     data["dense"]["steps"] = 60
     data["prune"]["finetune"]["steps"] = 10
@@ -176,6 +178,31 @@ def test_sweep_writes_one_table_and_pareto_plots(tmp_path):
     assert all((out / r["run"] / "metrics.json").is_file() for r in rows)
     by = {(r["sparsity"], r["weight_bits"]): r["bops"] for r in rows}
     assert by[(0.9, 2)] < by[(0.9, 4)] < by[(0.5, 4)]
+
+    # Killed (SIGKILL) after its first finished point, then resumed: that point is not run again, and the
+    # table and every point's files equal the uninterrupted sweep's (timings aside).
+    import signal
+    import time
+
+    again, work = tmp_path / "again", tmp_path / "again.work"
+    cmd = [sys.executable, "-m", "prunq", "sweep", str(tmp_path / "r.yaml"), "--sparsity", "0.5", "0.9",
+           "--weight-bits", "4", "2", "--act-bits", "8", "--out", str(again), "--quiet"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and not list((work / "rows").glob("*.json")):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    done = sorted(p.name for p in (work / "rows").glob("*.json"))
+    assert 1 <= len(done) < 4 and not again.exists()
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stderr.startswith("prunq: resuming from ") and not work.exists()
+    untimed = [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]
+    rows2 = json.loads((again / "sweep.json").read_text())["rows"]
+    assert [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows2] == untimed
+    for r in rows:
+        for f in ("metrics.json", "model.safetensors"):
+            assert (out / r["run"] / f).read_bytes() == (again / r["run"] / f).read_bytes(), (r["run"], f)
 
 
 def test_sweep_rejects_bad_bits(tmp_path, capsys):
@@ -229,19 +256,25 @@ def _slow_recipe(tmp_path):
     return _recipe(tmp_path, data, "slow.yaml")
 
 
-def test_sigterm_is_handled_like_ctrl_c(tmp_path):
-    """Issue 10: SIGTERM printed nothing and left a hidden temp dir beside --out."""
+def test_sigterm_is_handled_like_ctrl_c_and_keeps_the_checkpoint(tmp_path):
+    """Issue 10: SIGTERM printed nothing, left a hidden temp dir beside --out and lost the dense training."""
     import signal
     import time
 
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "prunq", "compress", _slow_recipe(tmp_path), "--out", out, "--quiet"],
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
-    time.sleep(6)  # well into dense training
+    proc = subprocess.Popen([sys.executable, "-m", "prunq", "compress", _slow_recipe(tmp_path), "--out", out, "--quiet",
+                             "--checkpoint-every", "20"], stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "run.work" / "step.safetensors").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the first dense-training checkpoint
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143 and err.strip() == "prunq: terminated (SIGTERM); nothing was written"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["slow.yaml"]  # no run, no temp dir, no lock
+    assert proc.returncode == 143, err
+    assert re.fullmatch(r"prunq: terminated \(SIGTERM\); checkpoint kept in \S+run\.work \(dense training, step \d+\); "
+                        r"the same command with --resume continues", err.strip()), err  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.work", "slow.yaml"]  # no run, no temp dir, no lock
+    again = _cli("compress", _slow_recipe(tmp_path), "--out", out, "--quiet")
+    assert again.returncode == 2 and "pass --resume to continue it" in again.stderr
 
 
 def test_a_second_run_into_the_same_out_stops_at_once(tmp_path):
@@ -256,3 +289,81 @@ def test_a_second_run_into_the_same_out_stops_at_once(tmp_path):
     finally:
         held._release()
     assert not out.exists() and not (tmp_path / ".run.lock").exists()
+
+
+def _step_position(work):
+    """The position of the fine-tuning checkpoint in ``work`` (-1 dense, 0 prune, 1 quantize), or None."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(work / "step.safetensors"), "pt") as f:
+            return json.loads(f.metadata()["prunq_checkpoint"])["position"]
+    except Exception:  # not there yet, or replaced while we read it
+        return None
+
+
+@pytest.mark.slow
+def test_sigkill_during_dense_pruning_qat_and_writing_then_resume_gives_identical_files(tmp_path):
+    """Issue 10: a killed run lost everything. Killed with SIGKILL in each stage and while writing, then
+    resumed each time, the run ends with the same bytes as an uninterrupted one (one thread: bitwise)."""
+    import hashlib
+    import os
+    import signal
+    import time
+
+    data = {**TINY, "dense": {**TINY["dense"], "steps": 300},
+            "prune": {**TINY["prune"], "finetune": {"steps": 120}},
+            "quant": {**TINY["quant"], "finetune": {"steps": 80, "lr": 2e-4}}}  # fmt: skip
+    recipe = _recipe(tmp_path, data)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+    def start(out, *extra):
+        return subprocess.Popen([sys.executable, "-m", "prunq", "compress", recipe, "--out", out, "--quiet",
+                                 "--checkpoint-every", "7", *extra], env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+    ref = start(tmp_path / "ref")
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()
+
+    out, work = tmp_path / "run", tmp_path / "run.work"
+    moments = {  # when to kill: a checkpoint of that stage is on disk, or the run's temp dir appeared
+        "dense": lambda: _step_position(work) == -1,
+        "prune": lambda: _step_position(work) == 0,
+        "qat": lambda: _step_position(work) == 1,
+        "writing": lambda: any(p.name.startswith(".run.tmp-") for p in tmp_path.iterdir()),
+    }
+    killed, resumed_from = [], []
+    for i, (name, ready) in enumerate(moments.items()):
+        proc = start(out, *(["--resume"] if i else []))
+        while proc.poll() is None and not ready():
+            time.sleep(0.005)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            killed.append(name)
+        resumed_from.append(proc.communicate(timeout=60)[1].strip())
+    assert killed == list(moments), killed  # every moment was reached (and killed) in turn
+    assert not out.exists() and work.is_dir()
+
+    last = start(out, "--resume")
+    assert last.wait(timeout=300) == 0, last.stderr.read()
+    resumed_from.append(last.stderr.read().strip())
+    # each run continued where the one before was killed, not from the start
+    expected = [r"^$", r"\(dense training, step \d+\)", r"\(method 1, step \d+\)", r"\(method 2, step \d+\)",
+                r"\(2 method\(s\) done\)"]  # fmt: skip
+    for got, want in zip(resumed_from, expected):
+        assert re.search(want, got.splitlines()[0] if got else ""), (got, want)
+    for f in ("model.safetensors", "model.json", "metrics.json", "dense.safetensors", "recipe.yaml"):
+        digest = [hashlib.sha256((d / f).read_bytes()).hexdigest() for d in (tmp_path / "ref", out)]
+        assert digest[0] == digest[1], f
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["r.yaml", "ref", "run"], left  # no work dir, temp dir or lock after a finished run
+
+
+def test_a_diverging_run_stops_with_one_line_and_keeps_its_last_checkpoint(tmp_path):
+    """Issue 10: Adam at lr 1e6 wrote a normal-looking run (accuracy at chance) with exit 0."""
+    data = {**TINY, "dense": {**TINY["dense"], "lr": 1e6}}
+    proc = _cli("compress", _recipe(tmp_path, data), "--out", tmp_path / "run", "--quiet", "--checkpoint-every", "1")
+    assert proc.returncode == 2
+    line = proc.stderr.strip()
+    assert "\n" not in line and re.match(r"prunq: error: dense: diverged at step \d+: ", line), line
+    assert "last good checkpoint kept in" in line and "run.work" in line
+    assert not (tmp_path / "run").exists() and (tmp_path / "run.work").is_dir()

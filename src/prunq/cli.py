@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. --set prune.sparsity=0.99 (YAML value)")  # fmt: skip
     c.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    _resume_args(c)
 
     s = sub.add_parser("sweep", help="grid over sparsity x bit-widths: one table and Pareto plots")
     s.add_argument("recipe", type=Path)
@@ -37,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace --out if it is a prunq sweep directory")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     s.add_argument("--quiet", action="store_true")
+    _resume_args(s)
 
     r = sub.add_parser("report", help="re-render report.md and plots from a saved run directory")
     r.add_argument("run", type=Path)
@@ -46,9 +48,44 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _recipe(args):
-    import yaml
+def _resume_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed or stopped run from its work directory (OUT.work, kept beside --out)")
+    p.add_argument("--checkpoint-every", type=int, default=100, metavar="STEPS",
+                   help="fine-tuning steps between checkpoints in the work directory (default 100; 0: stage "
+                        "boundaries only)")  # fmt: skip
 
+
+def _work(args, recipe, command: str, extra: str = ""):
+    """The run's work directory; a resume must match the resolved recipe (and ``extra``: a sweep's grid)."""
+    from prunq.pipeline.checkpoint import WorkDir
+    from prunq.pipeline.recipes import dump_recipe
+
+    if args.checkpoint_every < 0:
+        raise PrunqError(f"--checkpoint-every: must be >= 0, got {args.checkpoint_every}")
+    work = WorkDir.open(args.out, dump_recipe(recipe) + extra, command=command, resume=args.resume,
+                        every=args.checkpoint_every)  # fmt: skip
+    args.work = work  # for the interruption message
+    if work.resumed:
+        print(f"prunq: resuming from {work.path} ({work.describe()})", file=sys.stderr)
+    return work
+
+
+def _run_in(work, body):
+    """Run ``body()``; bad input (a PrunqError) removes the work directory — the recipe must change, so
+    its checkpoints cannot be resumed — but a divergence keeps it (the last good state) and says where."""
+    from prunq.pipeline.training import Diverged
+
+    try:
+        return body()
+    except Diverged as e:
+        raise PrunqError(f"{e} (last good checkpoint kept in {work.path}: {work.describe()})") from None
+    except PrunqError:
+        work.remove()
+        raise
+
+
+def _recipe(args):
     from prunq.pipeline.recipes import load_recipe
 
     recipe = load_recipe(args.recipe)
@@ -85,13 +122,19 @@ def _bits_check(values, flag):
 
 
 def cmd_compress(args) -> int:
-    from prunq.report.fsutil import atomic_dir
     from prunq.pipeline.runs import compress_recipe, write_run
+    from prunq.report.fsutil import atomic_dir
 
     recipe = _recipe(args)
-    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
-        result = compress_recipe(recipe, quiet=args.quiet)
-        write_run(Path(tmp), recipe, result)
+    out = atomic_dir(args.out, overwrite=args.overwrite)  # checks --out and takes its lock, at once
+    try:
+        work = _work(args, recipe, "compress")
+        result = _run_in(work, lambda: compress_recipe(recipe, quiet=args.quiet, work=work))
+        with out as tmp:
+            write_run(Path(tmp), recipe, result)
+        work.remove()
+    finally:
+        out.close()
     if not args.quiet:
         print(_summary(result.metrics))
         print(f"wrote {args.out}/ (report: {args.out / 'report.md'})")
@@ -100,8 +143,8 @@ def cmd_compress(args) -> int:
 
 def cmd_sweep(args) -> int:
     from prunq.report.fsutil import atomic_dir
+    from prunq.pipeline.sweep import collect_points, run_sweep
     from prunq.report.report import render_sweep
-    from prunq.pipeline.sweep import run_sweep
 
     recipe = _recipe(args)
     from prunq.core.config import check_sparsity
@@ -114,11 +157,19 @@ def cmd_sweep(args) -> int:
     _bits_check(args.act_bits, "--act-bits")
     wbits = args.weight_bits or [recipe.quant.weight_bits]
     abits = args.act_bits or [recipe.quant.act_bits]
-    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+    out = atomic_dir(args.out, overwrite=args.overwrite)
+    try:
+        grid = {"sparsity": args.sparsity, "weight_bits": wbits, "act_bits": abits}
+        work = _work(args, recipe, "sweep", f"\n# grid: {json.dumps(grid)}\n")
         bits = [(wb, ab) for wb in wbits for ab in abits]
-        rows, info = run_sweep(recipe, args.sparsity, bits, Path(tmp), quiet=args.quiet)
-        (Path(tmp) / "sweep.json").write_text(json.dumps({"rows": rows, **info}, indent=2))
-        render_sweep(Path(tmp), rows, info["metric_name"], info["higher_is_better"], dense=info["dense"])
+        rows, info = _run_in(work, lambda: run_sweep(recipe, args.sparsity, bits, None, quiet=args.quiet, work=work))
+        with out as tmp:
+            collect_points(work, rows, Path(tmp))
+            (Path(tmp) / "sweep.json").write_text(json.dumps({"rows": rows, **info}, indent=2))
+            render_sweep(Path(tmp), rows, info["metric_name"], info["higher_is_better"], dense=info["dense"])
+        work.remove()
+    finally:
+        out.close()
     if not args.quiet:
         print((args.out / "sweep.md").read_text())
     return 0
@@ -150,6 +201,13 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _kept(args) -> str:
+    work = getattr(args, "work", None)
+    if work is None or not work.path.is_dir():
+        return "nothing was written"
+    return f"checkpoint kept in {work.path} ({work.describe()}); the same command with --resume continues"
+
+
 class Terminated(BaseException):
     """SIGTERM, raised where the process is, so that half-written runs are cleaned up like on Ctrl-C."""
 
@@ -171,10 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prunq: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("prunq: interrupted; nothing was written", file=sys.stderr)
+        print(f"prunq: interrupted; {_kept(args)}", file=sys.stderr)
         return 130
     except Terminated:
-        print("prunq: terminated (SIGTERM); nothing was written", file=sys.stderr)
+        print(f"prunq: terminated (SIGTERM); {_kept(args)}", file=sys.stderr)
         return 143
     finally:
         if main_thread:

@@ -3,6 +3,8 @@ with weight decay on weights only. Fast tests use a one-parameter toy task whose
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -271,3 +273,46 @@ def test_adam_at_lr_1e6_on_the_digits_cnn_stops_within_a_few_steps():
     with pytest.raises(Diverged, match=r"^dense: diverged at step [1-5]: ") as e:
         fit(model, task, prunq.TrainConfig(steps=50, lr=1e6), batch_size=32, seed=0, stage="dense", quiet=True)
     assert "\n" not in str(e.value)
+
+
+def test_a_checkpoint_is_written_only_once_the_next_loss_passed_the_guard():
+    """The last checkpoint kept after a divergence is one whose weights gave an acceptable loss."""
+    from prunq.pipeline.training import Diverged, fit
+
+    planned, written = [], []
+
+    def checkpoint(state):
+        planned.append(state.step)
+        return lambda: written.append(state.step)
+
+    task = _Scripted([1.0] * 6 + [500.0])
+    with pytest.raises(Diverged, match="step 6"):
+        fit(_Scalar(), task, prunq.TrainConfig(steps=7), batch_size=1, seed=0, stage="prune", quiet=True,
+            checkpoint=checkpoint, checkpoint_every=2)  # fmt: skip
+    assert planned == [2, 4, 6] and written == [2, 4]  # the state after step 5 gave the loss 500: not kept
+
+
+def test_fit_resumed_from_its_checkpoint_equals_fit_uninterrupted():
+    from prunq.pipeline.training import fit
+
+    task = get_task("digits")
+    spec = prunq.TrainConfig(steps=9, lr=1e-3, lr_schedule="cosine")
+    torch.manual_seed(0)
+    base = task.build_model("digits_cnn", width=0.25)
+    ref = copy.deepcopy(base)
+    hist_ref = fit(ref, task, spec, batch_size=16, seed=3, stage="t", quiet=True, log_every=1)
+    saved = {}
+
+    def checkpoint(state):
+        if state.step == 4:
+            saved.update(state=state, model=copy.deepcopy(model.state_dict()))
+        return lambda: None
+
+    model = copy.deepcopy(base)
+    fit(model, task, spec, batch_size=16, seed=3, stage="t", quiet=True, log_every=1, checkpoint=checkpoint,
+        checkpoint_every=2)  # fmt: skip
+    resumed = copy.deepcopy(base)
+    resumed.load_state_dict(saved["model"])
+    hist = fit(resumed, task, spec, batch_size=16, seed=3, stage="t", quiet=True, log_every=1, resume=saved["state"])
+    assert hist == hist_ref[4:]  # the same losses from step 4 on (the data stream sought, the RNG restored)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), ref.state_dict().values()))

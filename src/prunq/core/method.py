@@ -88,6 +88,14 @@ class Method(Protocol):
     def finalize(self, model: nn.Module, ctx: RunContext) -> list[Transform]:
         """End of the method: freeze what must be frozen; return the transforms for the manifest."""
 
+    def state_dict(self) -> dict[str, Any] | None:
+        """The method's state outside the model (schedule position, score statistics) for a checkpoint in
+        the middle of its fine-tuning: tensors, numbers, strings, lists and dicts. ``None``: the method
+        cannot be checkpointed mid-way, and a resumed run restarts it from its beginning."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output, after :meth:`attach` on the same starting weights."""
+
 
 class MethodBase:
     """Do-nothing defaults for every hook, so a method defines only what it needs."""
@@ -112,6 +120,12 @@ class MethodBase:
 
     def finalize(self, model: nn.Module, ctx: RunContext) -> list[Transform]:  # noqa: D102
         return []
+
+    def state_dict(self) -> dict[str, Any] | None:  # noqa: D102
+        return None  # unknown: a resume restarts the method (safe for any method)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: D102
+        pass
 
 
 #: config type -> method class (torchao's registry keyed by config type).

@@ -65,6 +65,13 @@ class PruneMethod(MethodBase):
             self.pruner.freeze()
         return [Transform("mask", {"layers": [name for name, _, _ in M.masked_modules(model)]})]
 
+    def state_dict(self) -> dict[str, Any]:
+        """The pruner's schedule position, cut history and score statistics (masks are in the model)."""
+        return {"pruner": self.pruner.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: D102
+        self.pruner.load_state_dict(state["pruner"])
+
     def sparsity(self) -> float:
         """Sparsity over the prunable weights (what ``metrics["pruned"]["sparsity"]`` reports)."""
         return self.pruner.sparsity()

@@ -46,6 +46,10 @@ class QuantizeMethod(MethodBase):
         task = ctx.task
         calibrate(model, calibration_batches(task, cfg, ctx.batch_size, ctx.seed), lambda m, b: task.loss(m, b))
 
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing outside the model: the quantizers' steps are parameters of the model."""
+        return {}
+
     def finalize(self, model: nn.Module, ctx: RunContext) -> list[Transform]:  # noqa: D102
         out = []
         if self.pairs:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -18,10 +20,11 @@ from prunq import __version__
 from prunq.core.attention import decompose_attention_
 from prunq.core.config import MethodConfig
 from prunq.core.errors import PrunqError
-from prunq.core.manifest import FORMAT
+from prunq.core.manifest import FORMAT, replay
 from prunq.core.method import RunContext, Transform, build_method
 from prunq.cost import measure as C
 from prunq.methods.quantize import calibration_batches
+from prunq.pipeline.checkpoint import WorkDir
 from prunq.pipeline.recipes import Recipe, load_recipe, parse_recipe
 from prunq.pipeline.training import fit
 from prunq.tasks.base import Task
@@ -107,10 +110,16 @@ def run_methods(
     quiet: bool = False,
     eval_every: int = 0,
     first_position: int = 0,
+    work: WorkDir | None = None,
+    after_each: Callable[[int, StageResult], None] | None = None,
 ) -> list[StageResult]:
     """Run ``methods`` in order on ``model`` (in place): attach, fine-tune with the method's hooks when it
     has steps, finalize (its transforms), evaluate. ``first_position`` is the index of ``methods[0]`` in
-    the recipe (a sweep runs a recipe's methods in two calls; seeds follow the recipe position)."""
+    the recipe (a sweep runs a recipe's methods in two calls; seeds follow the recipe position).
+
+    ``work``: fine-tuning checkpoints every ``work.every`` steps (for methods with a ``state_dict``), and a
+    method that has one in ``work`` continues from it. ``after_each(position, stage)`` runs after each
+    method (the runner writes its stage-boundary checkpoint there)."""
     stages = []
     for i, cfg in enumerate(methods, start=first_position):
         t0 = time.perf_counter()
@@ -120,8 +129,23 @@ def run_methods(
             eval_every=eval_every, validate=_validator(task), example_inputs=task.example_inputs(),
         )  # fmt: skip
         method.attach(model, ctx)
+        resume, checkpoint, spent = None, None, 0.0
+        if work is not None and method.state_dict() is not None:
+            saved = work.step(i)
+            if saved is not None:  # same starting weights and RNG: attach made what the saved state continues
+                load_model_state(model, saved.model, str(work.path))
+                method.load_state_dict(saved.method)
+                history[:] = saved.history
+                resume, spent = saved.fit, saved.seconds
+
+            def checkpoint(state, i=i, method=method, t0=t0, spent=spent):
+                snap = ({k: v.detach().clone() for k, v in model.state_dict().items()},
+                        copy.deepcopy(method.state_dict()), state, list(history), spent + time.perf_counter() - t0)
+                return lambda: work.save_step(i, *snap)
+
         fit(model, task, cfg.finetune, batch_size=batch_size, seed=seed + 1 + i, stage=method.stage, hooks=method,
-            history=history, quiet=quiet)  # fmt: skip
+            history=history, quiet=quiet, checkpoint=checkpoint, checkpoint_every=work.every if work else 0,
+            resume=resume)  # fmt: skip
         transforms = method.finalize(model, ctx)
         metric, extra = evaluate_metric(task, model)
         sparsity = method.sparsity() if method.prunes and hasattr(method, "sparsity") else None
@@ -129,8 +153,34 @@ def run_methods(
         if sparsity is not None:
             entry["sparsity"] = sparsity
         history.append(entry)
-        stages.append(StageResult(method.stage, metric, extra, time.perf_counter() - t0, sparsity, cfg.kind, transforms))
+        stage = StageResult(method.stage, metric, extra, spent + time.perf_counter() - t0, sparsity, cfg.kind, transforms)
+        stages.append(stage)
+        if after_each is not None:
+            after_each(i, stage)
     return stages
+
+
+def load_model_state(model: nn.Module, state: dict[str, Any], source: str) -> None:
+    """Load a checkpoint's model state (strict; a mismatch is a one-line error naming ``source``)."""
+    from prunq.pipeline.io import _load_strict
+
+    _load_strict(model, state, Path(source))
+
+
+def stage_to_dict(stage: StageResult) -> dict[str, Any]:
+    """A stage as JSON (for a checkpoint)."""
+    out = asdict(stage)
+    out["transforms"] = [t.to_dict() for t in stage.transforms]
+    return out
+
+
+def stage_from_dict(data: dict[str, Any]) -> StageResult:
+    """The inverse of :func:`stage_to_dict`."""
+    transforms = []
+    for t in data["transforms"]:
+        args = dict(t)
+        transforms.append(Transform(args.pop("op"), args))
+    return StageResult(**{**data, "transforms": transforms})
 
 
 def prepare_structure(model: nn.Module) -> list[Transform]:
@@ -147,6 +197,13 @@ def stage_cost(model: nn.Module, task: Task, reference: C.ModelCost | None) -> C
     return C.measure(model, task.example_inputs(), reference=reference, batch_size=task.example_batch_size)
 
 
+def pruned_figures(cost: C.ModelCost | dict[str, Any]) -> dict[str, Any]:
+    """What ``metrics["pruned"]`` takes from the cost model of the pruned model (kept in checkpoints)."""
+    if isinstance(cost, dict):
+        return {"bops": cost["bops"], "memory_bits": cost["memory_bits"]}
+    return {"bops": cost.bops, "memory_bits": cost.memory_bits}
+
+
 def _most_common(values: list[int]) -> int:
     return max(set(values), key=values.count) if values else 32
 
@@ -158,7 +215,7 @@ def build_metrics(
     stages: list[StageResult],
     final_cost: C.ModelCost,
     history: list[dict],
-    pruned_cost: C.ModelCost | None = None,
+    pruned_cost: C.ModelCost | dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``metrics.json`` document (METHOD.md §5), plus per-layer encodings and the stages; no wall times
     (they go to ``timing.json``), so that a run's metrics are reproducible byte for byte.
@@ -178,7 +235,7 @@ def build_metrics(
         else {**dense.extra, "metric": dense.metric, "sparsity": 0.0}
     )
     if pruned_cost is not None:
-        pruned_section.update(bops=pruned_cost.bops, memory_bits=pruned_cost.memory_bits)
+        pruned_section.update(pruned_figures(pruned_cost))
     return {
         "task": task.name,
         "metric_name": task.metric_name,
@@ -229,12 +286,14 @@ def compress(
     quiet: bool = False,
     model_spec: dict[str, Any] | None = None,
     inplace: bool = False,
+    work: WorkDir | None = None,
 ) -> CompressResult:
     """Compress a trained ``model`` on ``task`` with the recipe's methods (default: prune, then quantize).
 
     Returns the compressed model (a copy unless ``inplace``), the metrics and a manifest. ``model_spec``
     records where the architecture comes from (a zoo entry ``{"task", "name", "kwargs"}``); without it the
-    run is recorded as a user model, and :func:`prunq.load` then needs ``model=``.
+    run is recorded as a user model, and :func:`prunq.load` then needs ``model=``. ``work`` keeps
+    checkpoints (:mod:`prunq.pipeline.checkpoint`) and continues from the last one it holds.
 
     >>> from prunq.tasks import get_task                                  # doctest: +SKIP
     >>> task = get_task("digits"); model = train_my_model(task)           # doctest: +SKIP
@@ -249,17 +308,41 @@ def compress(
     history: list[dict] = []
     structure = prepare_structure(model)
     dense_metric, dense_extra = evaluate_metric(task, model)
-    history.append({"stage": "dense", "step": 0, "metric": dense_metric})
     dense = StageResult("dense", dense_metric, dense_extra, transforms=structure)
     previews = stage_previews(task, model, "dense")
     dense_cost = stage_cost(model, task, None)
-    kw = dict(seed=recipe.seed, batch_size=recipe.task.batch_size, history=history, quiet=quiet,
-              eval_every=recipe.eval_every)  # fmt: skip
     # Measure the model after the last pruning method, before any later method changes it.
     last_prune = max((i for i, m in enumerate(recipe.methods) if build_method(m).prunes), default=-1)
-    stages = run_methods(model, task, recipe.methods[: last_prune + 1], **kw)
-    pruned_cost = stage_cost(model, task, dense_cost) if last_prune >= 0 else None
-    stages += run_methods(model, task, recipe.methods[last_prune + 1 :], first_position=last_prune + 1, **kw)
+    stages: list[StageResult] = []
+    pruned: dict[str, Any] | None = None
+    start = 0
+    boundary = work.boundary() if work is not None else None
+    if boundary is not None:  # continue a killed run: the stages it finished, its weights and RNG
+        record = boundary.record
+        stages = [stage_from_dict(d) for d in record["stages"]]
+        history, pruned, start = record["history"], record["pruned"], boundary.position
+        source = str(work.path / "boundary.safetensors")
+        replay(model, [t.to_dict() for s in stages for t in s.transforms], source)
+        load_model_state(model, boundary.model, source)
+        torch.set_rng_state(boundary.rng)
+    else:
+        history.append({"stage": "dense", "step": 0, "metric": dense_metric})
+
+    def checkpoint(position: int) -> None:
+        if work is not None:
+            record = {"stages": [stage_to_dict(s) for s in stages], "history": history, "pruned": pruned}
+            work.save_boundary(position, model.state_dict(), record)
+
+    if boundary is None:
+        checkpoint(0)
+    kw = dict(seed=recipe.seed, batch_size=recipe.task.batch_size, history=history, quiet=quiet,
+              eval_every=recipe.eval_every, work=work)  # fmt: skip
+    for i in range(start, len(recipe.methods)):
+        stages += run_methods(model, task, recipe.methods[i : i + 1], first_position=i, **kw)
+        if i == last_prune:
+            pruned = pruned_figures(stage_cost(model, task, dense_cost))
+        checkpoint(i + 1)
+    pruned_cost = pruned if last_prune >= 0 else None
     final_cost = stage_cost(model, task, dense_cost)
     metrics = build_metrics(task, dense, dense_cost, stages, final_cost, history, pruned_cost)
     manifest = make_manifest([dense, *stages], model_spec, model)

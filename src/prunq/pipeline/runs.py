@@ -11,8 +11,9 @@ from torch import nn
 
 from prunq.core.errors import PrunqError
 from prunq.pipeline.io import DENSE_FILE, PREVIEWS_FILE, TIMING_FILE, load_state, save_model, save_tensors
-from prunq.pipeline.training import rng_devices
-from prunq.pipeline.run import CompressResult, check_task, compress, train_dense, zoo_spec
+from prunq.pipeline.checkpoint import DENSE_POSITION, WorkDir
+from prunq.pipeline.training import FitState, fit, rng_devices
+from prunq.pipeline.run import CompressResult, check_task, compress, load_model_state, train_dense, zoo_spec
 from prunq.pipeline.recipes import Recipe, dump_recipe
 from prunq.tasks import get_task
 from prunq.tasks.base import Task
@@ -29,8 +30,13 @@ def make_task(recipe: Recipe) -> Task:
         raise PrunqError(f"task.options: {e}") from None
 
 
-def dense_model(recipe: Recipe, task: Task, *, quiet: bool = False) -> tuple[nn.Module, list[dict], float]:
-    """The dense starting point: the recipe's checkpoint, or a model trained with ``recipe.dense``."""
+def dense_model(
+    recipe: Recipe, task: Task, *, quiet: bool = False, work: WorkDir | None = None
+) -> tuple[nn.Module, list[dict], float]:
+    """The dense starting point: the recipe's checkpoint, or a model trained with ``recipe.dense``.
+
+    With ``work``: a dense model trained before (the run was killed later) is read back; dense training
+    checkpoints every ``work.every`` steps and continues from the last one."""
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=rng_devices()):  # seeded initialisation without reseeding the caller
         torch.manual_seed(recipe.seed)
@@ -39,6 +45,11 @@ def dense_model(recipe: Recipe, task: Task, *, quiet: bool = False) -> tuple[nn.
         except TypeError as e:
             raise PrunqError(f"model.kwargs: {e}") from None
     history: list[dict] = []
+    done = work.dense() if work is not None else None
+    if done is not None:
+        state, history, seconds = done
+        load_model_state(model, state, str(work.path / "dense.safetensors"))
+        return model, history, seconds
     if recipe.model.checkpoint:
         state = load_state(recipe.model.checkpoint)
         try:
@@ -47,9 +58,30 @@ def dense_model(recipe: Recipe, task: Task, *, quiet: bool = False) -> tuple[nn.
             raise PrunqError(
                 f"{recipe.model.checkpoint}: does not match model {recipe.model.name!r} ({str(e).splitlines()[0]})"
             ) from None
-    else:
+    elif work is None:
         history = train_dense(model, task, recipe, quiet=quiet)
-    return model, history, time.perf_counter() - t0
+    else:
+        history = _train_dense_with_checkpoints(model, task, recipe, work, quiet, t0)
+    seconds = time.perf_counter() - t0
+    if work is not None:
+        work.save_dense(model.state_dict(), history, seconds)
+    return model, history, seconds
+
+
+def _train_dense_with_checkpoints(model, task, recipe, work: WorkDir, quiet: bool, t0: float) -> list[dict]:
+    saved = work.step(DENSE_POSITION)
+    history: list[dict] = []
+    resume, spent = None, 0.0
+    if saved is not None:
+        load_model_state(model, saved.model, str(work.path))
+        history, resume, spent = saved.history, saved.fit, saved.seconds
+
+    def checkpoint(state: FitState):
+        snap = (_snapshot(model.state_dict()), state, list(history), spent + time.perf_counter() - t0)
+        return lambda: work.save_step(DENSE_POSITION, snap[0], {}, *snap[1:])
+
+    return fit(model, task, recipe.dense, batch_size=recipe.task.batch_size, seed=recipe.seed, stage="dense",
+               quiet=quiet, history=history, checkpoint=checkpoint, checkpoint_every=work.every, resume=resume)  # fmt: skip
 
 
 def write_run(directory: Path, recipe: Recipe, result: CompressResult, *, render: bool = True) -> None:
@@ -72,13 +104,18 @@ def write_run(directory: Path, recipe: Recipe, result: CompressResult, *, render
         render_report(directory)
 
 
-def compress_recipe(recipe: Recipe, *, quiet: bool = False) -> CompressResult:
-    """Everything ``prunq compress`` does before writing: task, dense model, both stages."""
+def _snapshot(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def compress_recipe(recipe: Recipe, *, quiet: bool = False, work: WorkDir | None = None) -> CompressResult:
+    """Everything ``prunq compress`` does before writing: task, dense model, the methods. ``work`` keeps
+    checkpoints and continues from the last one (:mod:`prunq.pipeline.checkpoint`)."""
     task = make_task(recipe)
     check_task(task, recipe)  # before the dense training, not after it
-    model, dense_hist, dense_s = dense_model(recipe, task, quiet=quiet)
+    model, dense_hist, dense_s = dense_model(recipe, task, quiet=quiet, work=work)
     trained = None if recipe.model.checkpoint else {k: v.detach().clone() for k, v in model.state_dict().items()}
-    result = compress(model, task, recipe, quiet=quiet, model_spec=zoo_spec(recipe, task), inplace=True)
+    result = compress(model, task, recipe, quiet=quiet, model_spec=zoo_spec(recipe, task), inplace=True, work=work)
     if dense_hist:  # the dense metric is measured after training: plot it there
         result.metrics["history"][0]["step"] = recipe.dense.steps
     result.metrics["history"] = dense_hist + result.metrics["history"]

@@ -8,6 +8,7 @@ pruned model — both through the one runner, :func:`prunq.pipeline.run.run_meth
 from __future__ import annotations
 
 import copy
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 
 from prunq.core.errors import PrunqError
 from prunq.core.method import build_method
+from prunq.pipeline.checkpoint import WorkDir
 from prunq.pipeline.recipes import Recipe
 from prunq.pipeline.run import (
     CompressResult, StageResult, _timing, build_metrics, check_task, evaluate_metric, make_manifest, prepare_structure,
@@ -24,6 +26,7 @@ from prunq.pipeline.run import (
     stage_previews, zoo_spec,
 )  # fmt: skip
 from prunq.pipeline.runs import dense_model, make_task, write_run
+from prunq.report.fsutil import atomic_dir, atomic_write_text
 from prunq.report.report import flatten
 
 
@@ -33,21 +36,26 @@ def point_name(sparsity: float, wb: int, ab: int) -> str:
 
 
 def run_sweep(
-    recipe: Recipe, sparsities: list[float], bits: list[tuple[int, int]], out: Path,
+    recipe: Recipe, sparsities: list[float], bits: list[tuple[int, int]], out: Path | None,
     *, quiet: bool = False, dense: tuple[nn.Module, list[dict]] | None = None, render: bool = True,
+    work: WorkDir | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
     """Run the grid into ``out/runs/<point>/`` and return the table rows and the dense reference.
 
     ``bits`` lists the (weight bits, activation bits) pairs to try at every sparsity. ``dense`` is a
     trained model and its training history to start from (default: the recipe's checkpoint or dense
     training); it is not modified. ``render=False`` writes the runs without their reports.
+
+    With ``work`` (``prunq sweep``; ``out`` is then unused): the dense training is checkpointed, each
+    finished point is kept in ``work`` (see :func:`collect_points`), and points a killed sweep finished
+    are skipped — a sparsity whose points are all done is not pruned again.
     """
     if recipe.prune is None or recipe.quant is None:
         raise PrunqError("sweep: the recipe needs a prune and a quantize method (sparsity x bit-width grid)")
     task = make_task(recipe)
     check_task(task, recipe)
     if dense is None:
-        d_model, dense_hist, _ = dense_model(recipe, task, quiet=quiet)
+        d_model, dense_hist, _ = dense_model(recipe, task, quiet=quiet, work=work)
     else:
         d_model, dense_hist = dense
     d_model = copy.deepcopy(d_model)
@@ -61,12 +69,21 @@ def run_sweep(
     points = tqdm(total=len(sparsities) * len(bits), desc="sweep", disable=True if quiet else None)
     for s in sparsities:
         r_s = recipe.with_(**{"prune.sparsity": s})
+        done = {wb_ab: _done_row(work, point_name(s, *wb_ab)) for wb_ab in bits}
+        if all(row is not None for row in done.values()):
+            rows += [done[b] for b in bits]
+            points.update(len(bits))
+            continue
         kw = dict(seed=r_s.seed, batch_size=r_s.task.batch_size, quiet=quiet, eval_every=r_s.eval_every)
         hist: list[dict] = [{"stage": "dense", "step": 0, "metric": d_metric}]
         pruned_model = copy.deepcopy(d_model)
         head = run_methods(pruned_model, task, r_s.methods[:split], history=hist, **kw)
         p_cost = stage_cost(pruned_model, task, d_cost)
         for wb, ab in bits:
+            if done[(wb, ab)] is not None:
+                rows.append(done[(wb, ab)])
+                points.update(1)
+                continue
             t0 = time.perf_counter()
             r = r_s.with_(**{"quant.weight_bits": wb, "quant.act_bits": ab})
             h = list(hist)
@@ -80,15 +97,19 @@ def run_sweep(
             previews = {**d_previews, **stage_previews(task, model, "compressed")}
             manifest = make_manifest([d_stage, *stages], zoo_spec(r, task), model)
             result = CompressResult(model, metrics, manifest, h, previews, timing=timing)
-            write_run(out / "runs" / name, r, result, render=render)
             last = stages[-1]
-            rows.append({
+            row = {
                 "sparsity": s, "weight_bits": wb, "act_bits": ab, "metric": last.metric,
                 "pruned_metric": head[-1].metric, "achieved_sparsity": cost.sparsity,
                 "bops": cost.bops, "memory_bits": cost.memory_bits,
                 "bops_ratio": cost.bops_ratio, "memory_ratio": cost.memory_ratio, "run": f"runs/{name}",
                 "prune_s": timing.get("prune_s", 0.0), "quant_s": timing.get("quant_s", 0.0), **flatten(last.extra),
-            })  # fmt: skip
+            }  # fmt: skip
+            if work is None:
+                write_run(out / "runs" / name, r, result, render=render)
+            else:
+                _keep_point(work, name, r, result, row, render)
+            rows.append(row)
             points.update(1)
             points.set_postfix({"point": name, "metric": f"{last.metric:.4g}"})
     points.close()
@@ -96,3 +117,32 @@ def run_sweep(
                  "params": d_cost.params, "macs": d_cost.macs, "extra": d_extra}
     return rows, {"dense": dense_ref, "metric_name": task.metric_name, "higher_is_better": task.higher_is_better,
                   "task": task.name, "dense_history": dense_hist}  # fmt: skip
+
+
+def _done_row(work: WorkDir | None, name: str) -> dict[str, Any] | None:
+    """The table row of a point a killed sweep finished (its run is complete in ``work``), else None."""
+    if work is None:
+        return None
+    row, run = work.path / "rows" / f"{name}.json", work.path / "points" / name
+    if not (row.is_file() and run.is_dir()) or row.is_symlink() or run.is_symlink():
+        return None
+    try:
+        data = json.loads(row.read_text())
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _keep_point(work: WorkDir, name: str, recipe: Recipe, result: CompressResult, row: dict, render: bool) -> None:
+    """Write a finished point into ``work/points/<name>`` (atomically), then its row (the mark of done)."""
+    with atomic_dir(work.path / "points" / name, overwrite=False) as tmp:
+        write_run(tmp, recipe, result, render=render)
+    atomic_write_text(work.path / "rows" / f"{name}.json", json.dumps(row))
+
+
+def collect_points(work: WorkDir, rows: list[dict[str, Any]], out: Path) -> None:
+    """Move the finished points from ``work`` into ``out/runs/`` (same file system: renames)."""
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        name = Path(row["run"]).name
+        (work.path / "points" / name).rename(out / "runs" / name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -145,7 +146,7 @@ def fit(
     history: list[dict] | None = None,
     log_every: int = 25,
     quiet: bool = False,
-    checkpoint: Callable[[FitState], None] | None = None,
+    checkpoint: Callable[[FitState], Callable[[], None]] | None = None,
     checkpoint_every: int = 0,
     resume: FitState | None = None,
 ) -> list[dict]:
@@ -159,7 +160,9 @@ def fit(
     augmentation) and restored afterwards: a library call does not reseed the caller's process.
 
     ``checkpoint(state)`` is called every ``checkpoint_every`` steps (not after the last) with a
-    :class:`FitState`; ``resume`` continues from one.
+    :class:`FitState` (its own copies); it snapshots what else it keeps and returns a ``write()`` that
+    ``fit`` calls only once the next step's loss has passed the divergence guard — so a checkpoint on disk
+    is always one whose weights gave an acceptable loss. ``resume`` continues from a FitState.
 
     **Divergence guard**: every batch is checked by ``task.check_batch`` (non-finite data is named as
     such, not blamed on the learning rate); the run stops with :class:`Diverged` — one line naming the
@@ -205,6 +208,7 @@ def _fit(model, task, spec, batch_size, seed, stage, after_backward, after_step,
     scale = getattr(task, "loss_scale", None)
     was_training = model.training
     model.train()
+    pending: Callable[[], None] | None = None  # a checkpoint waiting for the next loss to pass the guard
     bar = tqdm(range(start, spec.steps), desc=stage, disable=True if quiet else None, leave=False,
                dynamic_ncols=True, initial=start, total=spec.steps)  # fmt: skip
     for t in bar:
@@ -222,6 +226,9 @@ def _fit(model, task, spec, batch_size, seed, stage, after_backward, after_step,
         if t == 0:
             first = value
         _guard_loss(stage, t, value, running if t else value, scale if scale is not None else first)
+        if pending is not None:
+            pending()
+            pending = None
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if after_backward is not None:
@@ -244,10 +251,10 @@ def _fit(model, task, spec, batch_size, seed, stage, after_backward, after_step,
             history.append(entry)
             bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in entry.items() if k != "stage"})
         if checkpoint is not None and checkpoint_every > 0 and (t + 1) % checkpoint_every == 0 and t + 1 < spec.steps:
-            checkpoint(FitState(
-                step=t + 1, running=running, first_loss=first, optimizer=opt.state_dict(), param_names=names,
-                scheduler=sched.state_dict() if sched is not None else None, rng=_rng_state(),
-                data=(data.epoch, data.index),
+            pending = checkpoint(FitState(
+                step=t + 1, running=running, first_loss=first, optimizer=copy.deepcopy(opt.state_dict()),
+                param_names=names, scheduler=copy.deepcopy(sched.state_dict()) if sched is not None else None,
+                rng=_rng_state(), data=(data.epoch, data.index),
             ))  # fmt: skip
     opt.zero_grad(set_to_none=True)
     model.train(was_training)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
@@ -238,6 +239,22 @@ class atomic_dir:  # noqa: N801 - used like a function: ``with atomic_dir(out, o
         self._lock: _OutLock | None = None
         self._check()
         self._lock = _OutLock(self.final)  # a second run aimed at the same --out stops here, at once
+        self._remove_stale()
+
+    def _remove_stale(self) -> None:
+        """Temporaries of an earlier writer of ``final`` that was killed (SIGKILL leaves them): with the
+        lock held no other writer of ``final`` is alive. Only prunq's own names are touched."""
+        pattern = re.compile(rf"\.{re.escape(self.final.name)}\.(tmp|old)-[0-9a-f]{{8}}")
+        parent = self.final.parent
+        if not parent.is_dir():
+            return
+        for p in parent.iterdir():
+            if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+
+    def close(self) -> None:
+        """Give up: release the lock without writing (a run that failed before its files were written)."""
+        self._release()
 
     def _release(self) -> None:
         if self._lock is not None:
