@@ -15,6 +15,7 @@ ALLOWED = {
     "prune": ("prunq.core", "prunq.prune"),
     "quant": ("prunq.core", "prunq.prune", "prunq.quant"),
     "cost": ("prunq.core", "prunq.prune", "prunq.quant", "prunq.cost"),
+    "export": ("prunq.core", "prunq.prune", "prunq.quant", "prunq.cost", "prunq.export"),
     "methods": ("prunq.core", "prunq.prune", "prunq.quant", "prunq.cost", "prunq.methods", "prunq"),
 }
 

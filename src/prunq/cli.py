@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="load a run's compressed model and evaluate it on the task's test split")
     e.add_argument("run", type=Path)
+
+    x = sub.add_parser("export", help="write a run's compressed model as a deployable file")
+    x.add_argument("run", type=Path, help="run directory (written by prunq compress)")
+    x.add_argument("--format", default="packed", help="packed (the cost model's size; prunq.load reads it)")
+    x.add_argument("--out", type=Path, required=True, help="file to write")
+    x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return p
 
 
@@ -208,6 +214,18 @@ def _kept(args) -> str:
     return f"checkpoint kept in {work.path} ({work.describe()}); the same command with --resume continues"
 
 
+def cmd_export(args) -> int:
+    from prunq.pipeline.export import export
+
+    if (args.out.exists() or args.out.is_symlink()) and not args.overwrite:
+        raise PrunqError(f"--out: {args.out} exists; pass --overwrite to replace it")
+    if args.out.is_dir():
+        raise PrunqError(f"--out: {args.out} is a directory")
+    path = export(args.run, args.out, args.format)
+    print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+    return 0
+
+
 class Terminated(BaseException):
     """SIGTERM, raised where the process is, so that half-written runs are cleaned up like on Ctrl-C."""
 
@@ -222,9 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
-        return {"compress": cmd_compress, "sweep": cmd_sweep, "report": cmd_report, "evaluate": cmd_evaluate}[
-            args.command
-        ](args)
+        commands = {"compress": cmd_compress, "sweep": cmd_sweep, "report": cmd_report, "evaluate": cmd_evaluate,
+                    "export": cmd_export}  # fmt: skip
+        return commands[args.command](args)
     except PrunqError as e:
         print(f"prunq: error: {e}", file=sys.stderr)
         return 2

@@ -327,6 +327,23 @@ def live_weights(weight: torch.Tensor, dead_inputs: torch.Tensor | None) -> torc
     return nz & ~dead.reshape(out, in_pg, *([1] * (weight.dim() - 2)))
 
 
+def choose_encoding(mask: torch.Tensor, value_bits: int) -> tuple[str, int, dict[str, int], dict[str, int]]:
+    """``(encoding, relative r, index bits per encoding, value + index bits per encoding)`` of a canonical
+    boolean mask whose non-zeros are stored at ``value_bits``: the cheapest of :data:`ENCODINGS` (ties go
+    to the first). The one choice the cost model and the packed exporter both use.
+
+    >>> choose_encoding(torch.tensor([[True, False, False, False]]), 4)[0]   # 4 + 1 gap bit < 16 dense
+    'relative'
+    >>> choose_encoding(torch.ones(1, 4, dtype=torch.bool), 4)[0]            # no index beats any index
+    'dense'
+    """
+    n, nz = mask.numel(), int(mask.sum())
+    rel_bits, rel_r = best_relative(mask, value_bits=value_bits)
+    idx = {"dense": 0, "bitmap": index_bits(mask, "bitmap"), "csr": index_bits(mask, "csr"), "relative": rel_bits}
+    totals = {e: (n if e == "dense" else nz) * value_bits + idx[e] for e in ENCODINGS}
+    return min(ENCODINGS, key=lambda e: totals[e]), rel_r, idx, totals
+
+
 def _measure_layer(
     rec: LayerRecord, macs: int, q: LayerQuant, *, stored: bool = True, dead_inputs: torch.Tensor | None = None
 ) -> LayerCost:
@@ -340,17 +357,9 @@ def _measure_layer(
     nz = int(mask.sum())
     bw = q.effective_weight_bits
     ba = q.effective_act_bits
-    rel_bits, rel_r = best_relative(mask, value_bits=bw)
-    idx = {
-        "dense": 0,
-        "bitmap": index_bits(mask, "bitmap"),
-        "csr": index_bits(mask, "csr"),
-        "relative": rel_bits,
-    }
+    encoding, rel_r, idx, totals = choose_encoding(mask, bw)
     bias_bits = FLOAT_BITS * (rec.bias.numel() if rec.bias is not None else 0)
     scale_bits = q.stored_scale_bits
-    totals = {e: (n if e == "dense" else nz) * bw + idx[e] for e in ENCODINGS}
-    encoding = min(ENCODINGS, key=lambda e: totals[e])  # min() keeps the first of equal keys
     density = nz / n if n else 0.0
     memory = totals[encoding] + scale_bits + bias_bits
     if not stored:  # the shared weight (values, positions, steps) was counted with its first user

@@ -312,7 +312,8 @@ def convert(model: nn.Module) -> nn.Module:
     pruned, every value an integer multiple of its step. The grid stays in the state dict as buffers
     ``weight_step`` (one per output channel, canonical order) and ``weight_bits``, so ``prunq.load``, the
     cost model and the exporters read the same record (:func:`prunq.core.records.layer_record`).
-    Activation quantizers stay active. Irreversible. A copy made with ``copy.deepcopy`` can be converted
+    Activation quantizers stay active, their steps set to the value the forward uses (clamped, rounded
+    to a power of two when asked: same outputs). Irreversible. A copy made with ``copy.deepcopy`` can be converted
     without touching the original.
 
     >>> m = nn.Sequential(nn.Linear(4, 3))
@@ -338,6 +339,10 @@ def convert(model: nn.Module) -> nn.Module:
         if wq is not None and is_compressible(module):
             module.register_buffer(CONVERTED_STEP, step)
             module.register_buffer(CONVERTED_BITS, torch.tensor(bits, dtype=torch.int64, device=step.device))
+    for module in model.modules():  # activation steps hold the value the forward uses (clamped, 2^k rounded)
+        if isinstance(module, ActQuantizer) and bool(module.calibrated):
+            with torch.no_grad():
+                module.step.copy_(module.effective_step())
     return model
 
 

@@ -1,0 +1,50 @@
+"""prunq.export / prunq export: a run's packed file, written atomically and read back bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import prunq
+from prunq.core.errors import PrunqError
+from prunq.pipeline.export import export, export_bytes, load_packed
+from prunq.pipeline.recipes import parse_recipe
+from prunq.pipeline.runs import compress_recipe, write_run
+
+from tests._tiny import TINY
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    data = {**TINY, "dense": {**TINY["dense"], "steps": 30}, "prune": {**TINY["prune"], "finetune": {"steps": 10}},
+            "quant": {**TINY["quant"], "finetune": {"steps": 3}}}  # fmt: skip
+    recipe = parse_recipe(data)
+    result = compress_recipe(recipe, quiet=True)
+    d = tmp_path_factory.mktemp("export") / "run"
+    write_run(d, recipe, result, render=False)
+    return d, result
+
+
+def test_a_run_exported_packed_loads_back_as_its_converted_model(run, tmp_path):
+    d, result = run
+    out = export(d, tmp_path / "m.packed")
+    assert out.read_bytes() == export_bytes(result)  # from the directory or from the result: the same bytes
+    a, b = prunq.load(d, convert=True).state_dict(), load_packed(out).state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    layers = result.metrics["layers"]
+    header = 9 * len(layers)  # 72 bits per layer
+    assert out.stat().st_size >= sum(lay["memory_bits"] for lay in layers) // 8 + header
+
+
+def test_unknown_format_and_a_user_model_without_model_are_one_line_errors(run, tmp_path):
+    d, result = run
+    with pytest.raises(PrunqError, match=r"--format: unknown format 'onnx9'"):
+        export(d, tmp_path / "x", "onnx9")
+    assert not (tmp_path / "x").exists()
+    user = (result.model, {**result.manifest, "model": {"origin": "user", "class": "Net"}})
+    path = export(user, tmp_path / "u.packed")
+    with pytest.raises(PrunqError, match=r"holds your own model \(Net\); pass a fresh instance"):
+        load_packed(path)
+    model = prunq.get_task("digits").build_model("digits_cnn", width=0.5)
+    assert torch.equal(load_packed(path, model=model).classifier.fc2.weight,
+                       prunq.load(d, convert=True).classifier.fc2.weight)  # fmt: skip
