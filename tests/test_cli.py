@@ -47,6 +47,10 @@ def test_compress_writes_the_run_directory(good_run):
     assert "features.conv2" in (out / "report.md").read_text()
     assert not list(out.parent.glob(".*tmp*")), "temporary directories left behind"
     assert m["compressed"]["sparsity"] >= 0.899
+    files = m["files"]  # real files beside the cost model's figure
+    assert files["packed_bytes"] == (out / "model.packed").stat().st_size
+    assert files["dense_fp32_bytes"] == (out / "dense.safetensors").stat().st_size
+    assert files["cost_model_bytes"] == m["compressed"]["memory_bits"] / 8 < files["packed_bytes"]
 
 
 def test_evaluate_and_report_from_a_saved_run(good_run):
@@ -82,7 +86,7 @@ def test_the_same_recipe_and_seed_give_byte_identical_files(good_run, tmp_path):
     again = tmp_path / "again"
     proc = _cli("compress", recipe, "--out", again, "--quiet")
     assert proc.returncode == 0, proc.stderr
-    same = ["model.safetensors", "model.json", "metrics.json", "recipe.yaml", "dense.safetensors"]
+    same = ["model.safetensors", "model.json", "metrics.json", "recipe.yaml", "dense.safetensors", "model.packed"]
     for name in same:
         digest = [hashlib.sha256((d / name).read_bytes()).hexdigest() for d in (first, again)]
         assert digest[0] == digest[1], name

@@ -62,7 +62,7 @@ def test_one_sparsity_two_bit_widths_share_the_pruned_model(tmp_path, monkeypatc
 
     for row in rows:
         run = tmp_path / row["run"]
-        files = ["metrics.json", "model.json", "model.safetensors", "recipe.yaml", "timing.json"]  # no report
+        files = ["metrics.json", "model.json", "model.packed", "model.safetensors", "recipe.yaml", "timing.json"]
         assert sorted(p.name for p in run.iterdir()) == files
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["compressed"]["weight_bits"] == row["weight_bits"]

@@ -58,6 +58,32 @@ class CompressResult:
     #: Wall time per stage (``timing.json``): kept out of ``metrics.json`` so that the same recipe and seed
     #: give a byte-identical ``metrics.json``.
     timing: dict[str, float] = field(default_factory=dict)
+    #: The packed file's bytes (``model.packed``), None when the packed format cannot hold the model.
+    packed: bytes | None = None
+
+
+def attach_files(result: CompressResult, dense_model_bytes: int) -> CompressResult:
+    """Pack the compressed model and record, in ``metrics["files"]``, the bytes of real files beside the
+    cost model's figure: the dense model as an fp32 safetensors file, the packed file (or why it could
+    not be written)."""
+    from prunq.pipeline.export import export_bytes
+
+    files: dict[str, Any] = {"dense_fp32_bytes": dense_model_bytes,
+                             "cost_model_bytes": result.metrics["compressed"]["memory_bits"] / 8}  # fmt: skip
+    try:
+        result.packed = export_bytes((result.model, result.manifest))
+        files["packed_bytes"] = len(result.packed)
+    except PrunqError as e:
+        files["packed_error"] = str(e)
+    result.metrics["files"] = files
+    return result
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s state dict written as a safetensors file (what the user's fp32 file weighs)."""
+    from prunq.pipeline.io import tensor_bytes
+
+    return len(tensor_bytes(model.state_dict()))
 
 
 def as_recipe(recipe: Recipe | dict | str | Path | None) -> Recipe:
@@ -311,6 +337,7 @@ def compress(
     dense = StageResult("dense", dense_metric, dense_extra, transforms=structure)
     previews = stage_previews(task, model, "dense")
     dense_cost = stage_cost(model, task, None)
+    dense_bytes = state_bytes(model)
     # Measure the model after the last pruning method, before any later method changes it.
     last_prune = max((i for i, m in enumerate(recipe.methods) if build_method(m).prunes), default=-1)
     stages: list[StageResult] = []
@@ -348,7 +375,7 @@ def compress(
     manifest = make_manifest([dense, *stages], model_spec, model)
     previews.update(stage_previews(task, model, "compressed"))
     timing = _timing(stages, time.perf_counter() - t_start)
-    return CompressResult(model, metrics, manifest, history, previews, timing=timing)
+    return attach_files(CompressResult(model, metrics, manifest, history, previews, timing=timing), dense_bytes)
 
 
 def stage_previews(task: Task, model: nn.Module, stage: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from torch import nn
 from prunq.core.errors import PrunqError
 from prunq.pipeline.io import DENSE_FILE, PREVIEWS_FILE, TIMING_FILE, load_state, save_model, save_tensors
 from prunq.pipeline.checkpoint import DENSE_POSITION, WorkDir
+from prunq.pipeline.export import PACKED_FILE
 from prunq.pipeline.training import FitState, fit, rng_devices
 from prunq.pipeline.run import CompressResult, check_task, compress, load_model_state, train_dense, zoo_spec
 from prunq.pipeline.recipes import Recipe, dump_recipe
@@ -98,6 +99,8 @@ def write_run(directory: Path, recipe: Recipe, result: CompressResult, *, render
         save_tensors(directory / PREVIEWS_FILE, result.previews)
     if result.dense_state is not None:  # reusable as `model.checkpoint` for another compression run
         save_tensors(directory / DENSE_FILE, result.dense_state)
+    if result.packed is not None:  # the deployable file at the cost model's size (prunq.load reads it)
+        (directory / PACKED_FILE).write_bytes(result.packed)
     if render:
         from prunq.report.report import render_report
 

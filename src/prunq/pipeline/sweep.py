@@ -21,7 +21,8 @@ from prunq.core.method import build_method
 from prunq.pipeline.checkpoint import WorkDir
 from prunq.pipeline.recipes import Recipe
 from prunq.pipeline.run import (
-    CompressResult, StageResult, _timing, build_metrics, check_task, evaluate_metric, make_manifest, prepare_structure,
+    CompressResult, StageResult, _timing, attach_files, build_metrics, check_task, evaluate_metric, make_manifest,
+    prepare_structure, state_bytes,
     run_methods, stage_cost,
     stage_previews, zoo_spec,
 )  # fmt: skip
@@ -63,6 +64,7 @@ def run_sweep(
     d_metric, d_extra = evaluate_metric(task, d_model)
     d_stage = StageResult("dense", d_metric, d_extra, transforms=structure)
     d_cost = stage_cost(d_model, task, None)
+    d_bytes = state_bytes(d_model)
     d_previews = stage_previews(task, d_model, "dense")
     rows: list[dict[str, Any]] = []
     split = 1 + max(i for i, m in enumerate(recipe.methods) if build_method(m).prunes)
@@ -96,7 +98,7 @@ def run_sweep(
             name = point_name(s, wb, ab)
             previews = {**d_previews, **stage_previews(task, model, "compressed")}
             manifest = make_manifest([d_stage, *stages], zoo_spec(r, task), model)
-            result = CompressResult(model, metrics, manifest, h, previews, timing=timing)
+            result = attach_files(CompressResult(model, metrics, manifest, h, previews, timing=timing), d_bytes)
             last = stages[-1]
             row = {
                 "sparsity": s, "weight_bits": wb, "act_bits": ab, "metric": last.metric,
