@@ -136,7 +136,7 @@ def test_read_manifest_errors_and_format_1(tmp_path):
 @pytest.mark.parametrize(
     "manifest, message",
     [
-        ({"format": 2, "model": {"origin": "zoo", "name": "digits_cnn"}, "transforms": []}, "model.task: expected a name"),
+        ({"format": 2, "model": {"origin": "zoo", "name": "digits_cnn"}, "transforms": []}, "model.task: missing"),
         ({"format": 2, "model": [1], "transforms": []}, "model: expected a mapping"),
         ({"format": 1, "model": {}, "masked": 5, "folded": [], "quant": None}, "masked: expected a list"),
         ({"format": 1, "model": {}, "masked": [], "folded": [1], "quant": None}, "folded: expected a list"),
@@ -209,3 +209,72 @@ def test_the_same_model_gives_the_same_bytes_and_the_usual_file_mode(tmp_path):
     assert (a / MODEL_FILE).stat().st_mode & 0o777 == probe.stat().st_mode & 0o777
     save_tensors(tmp_path / "t.safetensors", {"x": torch.ones(2)})
     assert (tmp_path / "t.safetensors").stat().st_mode & 0o777 == probe.stat().st_mode & 0o777
+
+
+# --------------------------------------------------------------------------------------------------
+# hostile model.json files, end to end: one line naming the file and the field, nothing built
+# --------------------------------------------------------------------------------------------------
+
+_ZOO = {"origin": "zoo", "task": "digits", "name": "digits_cnn", "kwargs": {"width": 0.25}}
+
+HOSTILE_RUNS = [
+    (_manifest(model={**_ZOO, "kwargs": {"width": 100_000}}), "model.kwargs.width: must be a positive number up to 1000"),
+    (_manifest(model={**_ZOO, "kwargs": {"width": 100}}), "model.kwargs.width: 100 builds a model of 1,577,174,410 parameters"),
+    (_manifest(model={**_ZOO, "kwargs": {"depth": "x"}}), "model: digits_cnn does not take these arguments"),
+    (_manifest(model={**_ZOO, "task": "nope"}), "model.task: unknown task 'nope'"),
+    (_manifest(model={**_ZOO, "name": "vgg"}), "model.name: unknown model 'vgg'"),
+    (_manifest({"op": "mask", "layers": ["features.conv9"]}, model=_ZOO), "(mask): no layer 'features.conv9' in the model (DigitsCNN)"),
+    (_manifest({"op": "mask", "layers": ["features.relu1"]}, model=_ZOO), "layer 'features.relu1' (ReLU) is not a prunable layer"),
+    (_manifest({"op": "fold_bn", "pairs": [["features.conv1", "features.bn2"]]}, model=_ZOO), "is not a conv followed by"),
+    (_manifest({"op": "mask", "layers": ["__class__"]}, model=_ZOO), "(mask).layers[0]: '__class__' is not a layer name"),
+    (_manifest(*[{"op": "mask", "layers": [f"x{i}" for i in range(600)]}] * 200, model=_ZOO), "more than 100,000 layer names"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("manifest, message", HOSTILE_RUNS, ids=range(len(HOSTILE_RUNS)))
+def test_hostile_manifests_in_a_run_are_one_line_errors(tmp_path, manifest, message):
+    save((build_model("digits", "digits_cnn", width=0.25), _manifest(model=_ZOO)), tmp_path)
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(PrunqError) as e:
+        load(tmp_path)
+    text = str(e.value)
+    assert text.startswith(f"{tmp_path / MANIFEST_FILE}: ") and message in text and "\n" not in text
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ('{"format": 2, "model": {"origin": "user"}, "transforms": [], "x": 1e400}', "x: inf is not a finite number"),
+        ('{"format": 2, "model": {"origin": "user"}, "transforms": [], "x": NaN}', "x: nan is not a finite number"),
+        ('{"format": 2, "model": {"origin": "user"}, "transforms": [' + "[" * 10_000 + "]" * 10_000 + "]}", "not valid JSON"),
+        ('{"format": 2, "transforms": [' + "[" * 500 + "]" * 500 + "]}", "nested more than 32 levels deep"),
+    ],
+)  # fmt: skip
+def test_unusable_json_in_a_manifest_is_one_line(tmp_path, raw, message):
+    (tmp_path / MANIFEST_FILE).write_text(raw)
+    with pytest.raises(PrunqError) as e:
+        read_manifest(tmp_path)
+    assert message in str(e.value) and "\n" not in str(e.value) and MANIFEST_FILE in str(e.value)
+
+
+def test_evaluate_on_a_hostile_manifest_exits_2_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    save((build_model("digits", "digits_cnn", width=0.25), _manifest(model=_ZOO)), tmp_path)
+    layer = {"name": "features.conv1", "params": 72, "nonzeros": 72, "macs": 4608, "weight_bits": None, "act_bits": None}
+    stage = {"metric": 0.5, "params": 1, "macs": 1, "bops": 1, "memory_bits": 1, "sparsity": 0.0,
+             "weight_bits": None, "act_bits": None}  # fmt: skip
+    metrics = {"task": "digits", "metric_name": "top1", "higher_is_better": True, "dense": stage, "pruned": stage,
+               "compressed": stage, "memory_ratio": 1.0, "bops_ratio": 1.0, "layers": [layer]}  # fmt: skip
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "recipe.yaml").write_text("task: {name: digits}\nmodel: {name: digits_cnn, kwargs: {width: 0.25}}\n")
+    hostile = _manifest({"op": "quantize", "layers": {"features.conv1": {"weight": {"bits": "4"}}}}, model=_ZOO)
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(hostile))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = subprocess.run([sys.executable, "-m", "prunq", "evaluate", str(tmp_path)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert f"{MANIFEST_FILE}: transforms[0] (quantize).layers['features.conv1'].weight.bits: expected an integer" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written

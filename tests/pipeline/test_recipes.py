@@ -1,6 +1,8 @@
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from prunq.core.errors import PrunqError
 from prunq.pipeline.recipes import Recipe, dump_recipe, load_recipe, parse_recipe
@@ -153,3 +155,120 @@ def test_alias_bomb_is_refused_before_expansion(tmp_path):
     with pytest.raises(PrunqError) as e:
         load_recipe(p)
     assert len(str(e.value)) < 300
+
+
+# --------------------------------------------------------------------------------------------------
+# property: random recipes. Valid ones validate and round-trip through YAML to an equal Recipe; invalid
+# ones are a one-line PrunqError naming the field.
+# --------------------------------------------------------------------------------------------------
+
+
+_BITS = [2, 3, 4, 5, 6, 7, 8, 16, 32]
+_NAMES = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_", min_size=1, max_size=12)
+_FRAC = st.floats(0.0, 1.0, allow_nan=False)
+
+#: field -> values that validate
+VALID = {
+    "name": _NAMES,
+    "seed": st.integers(0, 2**63 - 1),
+    "eval_every": st.integers(0, 10**6),
+    "task.name": st.sampled_from(["digits", "cifar10", "stereo"]),
+    "task.batch_size": st.integers(1, 1 << 20),
+    "task.options": st.dictionaries(st.sampled_from(["seed", "augment", "n_val"]), st.integers(0, 100), max_size=2),
+    "model.name": st.sampled_from(["digits_cnn", "resnet20", "stereo_net"]),
+    "model.kwargs": st.dictionaries(st.sampled_from(["width", "num_classes"]), st.integers(1, 16), max_size=2),
+    "dense.steps": st.integers(0, 10**7),
+    "dense.lr": st.floats(1e-9, 10.0),
+    "dense.optimizer": st.sampled_from(["adam", "adamw", "sgd"]),
+    "dense.momentum": st.floats(0.0, 0.999),
+    "prune.sparsity": st.floats(0.0, 0.999),
+    "prune.frequency": st.integers(1, 1000),
+    "prune.begin": st.floats(0.0, 0.5),
+    "prune.finetune.steps": st.integers(0, 10**6),
+    "quant.weight_bits": st.sampled_from(_BITS),
+    "quant.act_bits": st.sampled_from(_BITS),
+    "quant.percentile": st.floats(0.01, 100.0),
+    "quant.per_channel": st.booleans(),
+    "quant.calib_batches": st.integers(1, 1000),
+    "methods": st.lists(st.sampled_from([{"kind": "prune", "sparsity": 0.5}, {"kind": "quantize", "act_bits": 16}]),
+                        max_size=2, unique_by=lambda m: m["kind"]).map(lambda ms: sorted(ms, key=lambda m: m["kind"])),
+}
+#: field -> values that do not (wrong type, out of range, not finite, too large)
+INVALID = {
+    "name": st.sampled_from([5, [], {}]),
+    "seed": st.sampled_from([-1, 2**63, 2**64, "x", 1.5, [0]]),
+    "eval_every": st.sampled_from([-1, "x", 0.5]),
+    "task.name": st.sampled_from([3, ["digits"]]),
+    "task.batch_size": st.sampled_from([0, -5, (1 << 20) + 1, 10**12, "64", 6.5]),
+    "task.options": st.sampled_from([[], "x", 3]),
+    "model.kwargs": st.sampled_from([[], "width=1", 3]),
+    "model.nope": st.integers(),
+    "dense.steps": st.sampled_from([-1, "x"]),
+    "dense.lr": st.sampled_from([0.0, -1.0, float("inf"), float("nan"), "fast"]),
+    "dense.optimizer": st.sampled_from(["rmsprop", 3]),
+    "dense.momentum": st.sampled_from([1.0, -0.1]),
+    "prune.sparsity": st.one_of(st.floats(1.0, 1e300), st.floats(-1e300, -1e-9), st.sampled_from(["x", True, None])),
+    "prune.begin": st.sampled_from([-0.5, 1.5, "x"]),
+    "prune.nope": st.integers(),
+    "quant.weight_bits": st.one_of(st.integers(9, 15), st.integers(-100, 1), st.sampled_from([4.0, "4", True, 64])),
+    "quant.act_bits": st.sampled_from([0, 1, 9, 33, "8"]),
+    "quant.percentile": st.sampled_from([0.0, 100.5, -1.0, float("nan")]),
+    "quant.calib_batches": st.sampled_from([0, -1, "x"]),
+    "quant.per_channel": st.sampled_from(["maybe", 2, None]),  # ("yes" is read as true: pydantic lax bools)
+    "methods": st.sampled_from([[{"kind": "zzz"}], [3], "prune", [{"kind": "prune", "sparsity": 2.0}],
+                                [{"kind": "quantize"}, {"kind": "prune"}]]),
+}
+
+
+def _put(data: dict, path: str, value) -> None:
+    *parents, leaf = path.split(".")
+    for p in parents:
+        data = data.setdefault(p, {})
+    data[leaf] = value
+
+
+@st.composite
+def _recipes(draw, valid: bool):
+    """A recipe dict with a few valid fields and, when ``valid`` is False, one invalid field (returned)."""
+    fields = draw(st.lists(st.sampled_from(sorted(VALID)), min_size=1, max_size=6, unique=True))
+    bad = None if valid else draw(st.sampled_from(sorted(INVALID)))
+    data: dict = {}
+    for f in fields:
+        if f != bad:
+            _put(data, f, draw(VALID[f]))
+    if bad is not None:
+        _put(data, bad, draw(INVALID[bad]))
+    if "methods" in data:  # methods: [...] or the prune:/quant: shorthand, not both
+        if bad is not None and bad.split(".")[0] in ("prune", "quant"):
+            del data["methods"]
+        else:
+            data.pop("prune", None), data.pop("quant", None)
+    if "prune" in data and "begin" in data["prune"]:
+        data["prune"].setdefault("end", 0.9)  # begin must come before end
+    return data, bad
+
+
+_FAST = settings(max_examples=120, deadline=None, derandomize=True, database=None,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])  # fmt: skip
+
+
+@_FAST
+@given(_recipes(valid=True))
+def test_random_valid_recipes_round_trip_through_yaml(tmp_path, case):
+    data, _ = case
+    r = parse_recipe(data, "r.yaml")
+    p = tmp_path / "r.yaml"
+    p.write_text(dump_recipe(r))
+    assert load_recipe(p) == r
+    assert parse_recipe(r.model_dump(mode="json")) == r
+
+
+@_FAST
+@given(_recipes(valid=False))
+def test_random_invalid_recipes_are_one_line_errors_naming_the_field(case):
+    data, bad = case
+    with pytest.raises(PrunqError) as e:
+        parse_recipe(data, "r.yaml")
+    text = str(e.value)
+    assert "\n" not in text and text.startswith("r.yaml: ")
+    assert bad in text, (bad, text)

@@ -231,3 +231,64 @@ def test_no_heavy_imports():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
+
+
+# --------------------------------------------------------------------------------------------------
+# hostile numbers: the report renders (a dash for an unusable value) or gives one line, never a traceback
+# --------------------------------------------------------------------------------------------------
+
+_BIG = "1" + "0" * 400  # an integer JSON allows and float() cannot hold
+
+
+def _set(m: dict, path: str, value) -> None:
+    *parents, leaf = path.split(".")
+    for p in parents:
+        m = m[int(p)] if isinstance(m, list) else m[p]
+    if isinstance(m, list):
+        m[int(leaf)] = value
+    else:
+        m[leaf] = value
+
+
+HOSTILE_NUMBERS = [
+    # (changes, text in the rendered metrics.json replaced after dumping, what report.md shows)
+    ({"dense.params": "BIG", "compressed.bops": "BIG", "layers.0.macs": "BIG", "history.1.loss": "BIG",
+      "layers.0.index_bits.csr": "BIG", "compressed.middlebury.epe": "BIG"}, "| dense | 98.1 %"),
+    ({"dense.metric": "INF", "compressed.memory_bits": "INF", "layers.1.density": "NAN", "history.1.step": "NAN",
+      "bops_ratio": "INF"}, "| dense | inf |"),
+    ({"dense.metric": 1.7e308, "pruned.metric": -1.7e308, "history.1.loss": 1.7e308, "history.1.step": -1e308},
+     "| pruned | — |"),
+    ({"compressed.weight_bits": "4", "layers.0.weight_bits": [4], "layers.1.act_bits": {"a": 1},
+      "layers.0.params": -1, "layers.2.nonzeros": True}, "w—a8"),
+    ({"layers.0.encoding": ["csr"], "layers.1.index_bits": 7, "history": 3.5, "memory_bits_by_encoding.best": "12"},
+     "| `conv1` |"),
+    ({"dense.bops": 10**30, "layers.0.params": 10**30, "history.3.sparsity": 10**30}, "1.00e30"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("changes, shown", HOSTILE_NUMBERS, ids=range(len(HOSTILE_NUMBERS)))
+def test_huge_or_mistyped_numbers_render_with_a_dash(tmp_path, changes, shown):
+    m = _metrics()
+    for path, value in changes.items():
+        _set(m, path, value)
+    run = _write_run(tmp_path, m)
+    text = (run / "metrics.json").read_text()
+    text = text.replace('"BIG"', _BIG).replace('"INF"', "Infinity").replace('"NAN"', "NaN")
+    (run / "metrics.json").write_text(text)
+    report = render_report(run).read_text()
+    assert shown in report
+    assert (run / "plots" / "layers.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"task": ' + "9" * 5000 + "}", "not valid JSON (Exceeds the limit"),
+        ("[" * 100_000 + "]" * 100_000, "not valid JSON (nested too deeply)"),
+    ],
+)
+def test_unreadable_numbers_in_metrics_are_one_line(tmp_path, text, message):
+    (tmp_path / "metrics.json").write_text(text)
+    with pytest.raises(PrunqError) as e:
+        load_metrics(tmp_path)
+    assert message in str(e.value) and "\n" not in str(e.value) and "metrics.json" in str(e.value)

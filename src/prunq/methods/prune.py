@@ -79,8 +79,13 @@ class PruneMethod(MethodBase):
 
 @register_transform("mask")
 def _replay_mask(model: nn.Module, entry: dict[str, Any]) -> None:
-    named = dict(model.named_modules())
+    """Attach a hard mask to each layer (the manifest's schema and the names were checked by ``replay``)."""
+    from prunq.core.errors import PrunqError
+    from prunq.core.layers import is_compressible
+
+    named = dict(model.named_modules(remove_duplicate=False))
     for name in entry["layers"]:
-        if name not in named:
-            raise KeyError(f"layer {name!r} does not exist in the model")
-        M.attach_mask(named[name], soft=False)
+        module = named[name]
+        if not is_compressible(module):
+            raise PrunqError(f"layer {name!r} ({type(module).__name__}) is not a prunable layer")
+        M.attach_mask(module, soft=False)

@@ -79,13 +79,21 @@ def _replay_fold(model: nn.Module, entry: dict[str, Any]) -> None:
 
 @register_transform("quantize")
 def _replay_quantize(model: nn.Module, entry: dict[str, Any]) -> None:
-    prepare_layers(model, entry["layers"])
+    """Attach the recorded quantizers. Their steps are initialised by max (cheap), not by the default MSE
+    search (milliseconds a layer): the state dict loaded next overwrites every step anyway."""
+    from prunq.quant.weight import WeightQuantizer
+
+    default = QuantConfig()
+    prepare_layers(model, entry["layers"], default.replace(weight_init="max"))
+    for q in model.modules():
+        if isinstance(q, WeightQuantizer):
+            q.init = default.weight_init  # as if built with the defaults (a later init_from uses it)
 
 
 @register_transform("quantize_config")
 def _replay_quantize_config(model: nn.Module, entry: dict[str, Any]) -> None:
     """Format-1 manifests recorded one QuantConfig for the whole model."""
-    prepare(model, QuantConfig.parse(entry["config"], "model.json: quant"))
+    prepare(model, QuantConfig.parse(entry["config"], "config"))
 
 
 @register_transform("convert")

@@ -70,18 +70,22 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
-    """``model.json`` of a run directory, as a format-2 transform log (format 1 is upgraded)."""
+    """``model.json`` of a run directory, as a format-2 transform log (format 1 is upgraded), checked
+    against the manifest's schema (:func:`prunq.core.manifest.validate`) before anything is built."""
+    from prunq.core.manifest import MAX_BYTES
+
     if not directory.is_dir():
         raise PrunqError(f"{directory}: run directory not found")
     p = inside_run(directory, MANIFEST_FILE)
-    if not directory.is_dir():
-        raise PrunqError(f"{directory}: run directory not found")
     if not p.is_file():
         raise PrunqError(f"{p}: missing (is {directory} a prunq run directory?)")
+    if p.stat().st_size > MAX_BYTES:
+        raise PrunqError(f"{p}: {p.stat().st_size:,} bytes, over the limit of {MAX_BYTES:,} for a manifest")
     try:
-        manifest = json.loads(p.read_text())
+        manifest = json.loads(p.read_text(encoding="utf-8"))
     except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, huge integers, deep nesting
-        raise PrunqError(f"{p}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise PrunqError(f"{p}: not valid JSON ({type(e).__name__}: {first[:200]})") from None
     if not isinstance(manifest, dict):
         raise PrunqError(f"{p}: expected a JSON object")
     return upgrade(manifest, str(p))
@@ -110,15 +114,19 @@ def load(directory: str | Path, model: nn.Module | None = None, *, convert: bool
     d = Path(directory)
     manifest = read_manifest(d)
     if model is None:
-        from prunq.tasks import build_model  # the zoo; lower layers stay free of tasks
+        from prunq.tasks import TASKS, build_model  # the zoo; lower layers stay free of tasks
 
         spec = manifest.get("model") or {}
         if spec.get("origin") != "zoo" or "name" not in spec:
             cls = spec.get("class")
             what = f"your own model ({cls})" if cls else "your own model"
             raise PrunqError(f"{d}: the run compressed {what}; pass a fresh instance: prunq.load(dir, model=...)")
-        try:
+        if spec["task"] not in TASKS:
+            raise PrunqError(f"{d / MANIFEST_FILE}: model.task: unknown task {spec['task']!r} (choose from {', '.join(TASKS)})")
+        try:  # the zoo checks every argument's range and the parameter count before allocating
             model = build_model(spec["task"], spec["name"], **(spec.get("kwargs") or {}))
+        except PrunqError as e:
+            raise PrunqError(f"{d / MANIFEST_FILE}: {e}") from None
         except TypeError as e:
             raise PrunqError(f"{d / MANIFEST_FILE}: model: {e}") from None
     model = rebuild(model, manifest, str(d / MANIFEST_FILE))

@@ -29,7 +29,7 @@ class TaskSpec(Config):
 
     name: str = "digits"
     data_dir: str | None = None
-    batch_size: int = Field(64, ge=1, le=1 << 20)
+    batch_size: int = Field(64, ge=1, le=1 << 20, strict=True)  # "64" is an error, not 64
     options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -94,12 +94,12 @@ class Recipe(Config):
     """
 
     name: str = "run"
-    seed: int = Field(0, ge=0, lt=2**63)
+    seed: int = Field(0, ge=0, lt=2**63, strict=True)
     task: TaskSpec = TaskSpec()
     model: ModelSpec = ModelSpec()
     dense: TrainConfig = TrainConfig(steps=1000)
     methods: list[SerializeAsAny[MethodConfig]] = Field(default_factory=_default_methods)
-    eval_every: int = Field(0, ge=0)
+    eval_every: int = Field(0, ge=0, strict=True)
 
     @field_validator("methods", mode="before")
     @classmethod

@@ -65,16 +65,31 @@ _X_LABELS = {"bops": "BOPs (bit-operations)", "memory_bits": "memory (bits)"}
 # --------------------------------------------------------------------------------------------------
 
 
-def finite(value: Any) -> float | None:
-    """``value`` as a float if it is a finite real number (not a bool), else ``None``.
+#: Larger magnitudes are treated as unusable (a dash in tables, a gap in plots): arithmetic on them
+#: (sums, axis limits) overflows to inf; no cost or metric of a real model comes near.
+MAX_MAGNITUDE = 1e100
 
-    >>> finite(3), finite("3"), finite(float("nan")), finite(None), finite(True)
-    (3.0, None, None, None, None)
+
+def finite(value: Any) -> float | None:
+    """``value`` as a float if it is a finite real number (not a bool) of magnitude at most
+    :data:`MAX_MAGNITUDE`, else ``None``.
+
+    >>> finite(3), finite("3"), finite(float("nan")), finite(None), finite(True), finite(10**400)
+    (3.0, None, None, None, None, None)
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    v = float(value)
-    return v if math.isfinite(v) else None
+    try:
+        v = float(value)
+    except OverflowError:  # an integer beyond float range (JSON allows 10^400)
+        return None
+    return v if math.isfinite(v) and abs(v) <= MAX_MAGNITUDE else None
+
+
+def _bits_value(v: Any) -> str | None:
+    """A bit-width for display: an integer (``4``), or None when absent or unusable (``"4"``, a list)."""
+    f = finite(v)
+    return None if f is None or f != int(f) else str(int(f))
 
 
 def is_percent_metric(metric_name: str) -> bool:
@@ -111,9 +126,11 @@ def format_metric(value: Any, metric_name: str) -> str:
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return "—"
-    v = float(value)
-    if not math.isfinite(v):
-        return str(v)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    v = finite(value)
+    if v is None:  # too large to be a metric
+        return "—"
     if is_percent_metric(metric_name):
         return f"{100.0 * v:.1f} %"
     if metric_name.lower() in _PIXEL_METRICS:
@@ -147,7 +164,7 @@ def run_label(row: Mapping[str, Any]) -> str:
     s = finite(row.get("sparsity"))
     if s is not None:
         parts.append(f"s={_short_float(s)}")
-    wb, ab = row.get("weight_bits"), row.get("act_bits")
+    wb, ab = _bits_value(row.get("weight_bits")), _bits_value(row.get("act_bits"))
     bits = ""
     if wb is not None:
         bits += f"w{wb}"
@@ -264,7 +281,7 @@ def plot_layers(layers: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     names = [str(layer.get("name", f"#{i}")) for i, layer in enumerate(layers)]
     dens = [_density(layer) for layer in layers]
     known = [d for d in dens if d is not None and d > 0]
-    floor = min([1e-3, *known]) / 2.0  # bottom of the log axis; a zero-density layer is drawn at it
+    floor = max(min([1e-3, *known]) / 2.0, 1e-12)  # bottom of the log axis; a zero-density layer is drawn at it
     heights = [math.nan if d is None else max(d, floor) for d in dens]
     xs = list(range(n))
 
@@ -312,7 +329,7 @@ def _bits_text(section: Mapping[str, Any]) -> str:
     wb, ab = section.get("weight_bits"), section.get("act_bits")
     if wb is None and ab is None:
         return ""
-    return f"w{wb if wb is not None else 32}a{ab if ab is not None else 32}"
+    return f"w{_bits_value(wb) or '?' if wb is not None else 32}a{_bits_value(ab) or '?' if ab is not None else 32}"
 
 
 def _history_x(history: Sequence[Mapping[str, Any]]) -> list[float]:
@@ -358,7 +375,8 @@ def plot_stages(metrics: Mapping[str, Any], path: str | Path) -> Path:
     metric_name = str(metrics.get("metric_name", "metric"))
     hib = bool(metrics.get("higher_is_better", True))
     scale = _metric_scale(metric_name)
-    history = [h for h in (metrics.get("history") or []) if isinstance(h, Mapping)]
+    history = metrics.get("history")
+    history = [h for h in history if isinstance(h, Mapping)] if isinstance(history, list) else []
     has_loss = any(finite(h.get("loss")) is not None for h in history)
     has_hmetric = any(finite(h.get(k)) is not None for h in history for k in ("metric", "val_metric"))
     n_panels = 1 + int(has_loss) + int(has_hmetric)

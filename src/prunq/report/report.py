@@ -112,9 +112,15 @@ def _sparsity(frac: Any) -> str:
 
 
 def _bits(section: Mapping[str, Any]) -> str:
-    """``w4a8``; an absent (unquantized) side counts as 32 bits."""
+    """``w4a8``; an absent (unquantized) side counts as 32 bits, an unusable one (``"4"``) is a dash."""
     wb, ab = section.get("weight_bits"), section.get("act_bits")
-    return f"w{32 if wb is None else wb}a{32 if ab is None else ab}"
+    return f"w{32 if wb is None else _bit_cell(wb)}a{32 if ab is None else _bit_cell(ab)}"
+
+
+def _bit_cell(v: Any) -> str:
+    """One bit-width: an integer, or a dash when absent or not a usable number."""
+    f = finite(v)
+    return _DASH if f is None or f != int(f) else str(int(f))
 
 
 def _duration(seconds: Any) -> str:
@@ -151,6 +157,10 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str) ->
 def _section(metrics: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     v = metrics.get(key)
     return v if isinstance(v, Mapping) else {}
+
+
+def _list(v: Any) -> list:
+    return v if isinstance(v, list) else []
 
 
 # --------------------------------------------------------------------------------------------------
@@ -208,6 +218,9 @@ def load_metrics(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         metrics = json.loads(text)
     except json.JSONDecodeError as e:
         raise PrunqError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except (ValueError, RecursionError) as e:  # an integer of more than 4300 digits; deep nesting
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:120]
+        raise PrunqError(f"{path}: not valid JSON ({reason})") from None
     if not isinstance(metrics, dict):
         raise PrunqError(f"{path}: expected a JSON object, got {type(metrics).__name__}")
     missing = _missing_keys(metrics)
@@ -264,8 +277,8 @@ def _headline(metrics: Mapping[str, Any]) -> str:
     int8_bops = _div(c.get("bops"), metrics.get("bops_ratio_int8"))
     int8_mem = _div(c.get("memory_bits"), metrics.get("memory_ratio_int8"))
 
-    layer_bits = {(layer.get("weight_bits"), layer.get("act_bits"))
-                  for layer in metrics.get("layers") or [] if isinstance(layer, Mapping)}
+    layer_bits = {(_bit_cell(layer.get("weight_bits")), _bit_cell(layer.get("act_bits")))
+                  for layer in _list(metrics.get("layers")) if isinstance(layer, Mapping)}
     mixed = len(layer_bits) > 1
     rows = [
         ["dense", format_metric(d.get("metric"), name), _sparsity(0.0), "w32a32",
@@ -313,11 +326,11 @@ def _encodings(metrics: Mapping[str, Any]) -> str | None:
     if bound is not None:
         line = (f"Entropy bound on the position (index) bits, Σ N·H(ρ) over layers: "
                 f"**{_int(bound)} bits** ({_kib(bound)} KiB).")
-        chosen = _chosen_index_bits(metrics.get("layers") or [])
+        chosen = _chosen_index_bits(_list(metrics.get("layers")))
         if chosen is not None and bound > 0:
             line += f" The chosen encodings spend {_int(chosen)} index bits, ×{_ratio(chosen / bound)} the bound."
         out += [line, ""]
-    layer_rows = _index_rows(metrics.get("layers") or [])
+    layer_rows = _index_rows(_list(metrics.get("layers")))
     if layer_rows:
         out += ["Index bits per layer:", "", layer_rows, ""]
     return "\n".join(out).rstrip()
@@ -329,7 +342,7 @@ def _chosen_index_bits(layers: Sequence[Any]) -> float | None:
         if not isinstance(layer, Mapping):
             return None
         ib, enc = layer.get("index_bits"), layer.get("encoding")
-        v = finite(ib.get(enc)) if isinstance(ib, Mapping) and enc is not None else None
+        v = finite(ib.get(enc)) if isinstance(ib, Mapping) and isinstance(enc, str) else None
         if v is None:
             return None
         total += v
@@ -342,13 +355,14 @@ def _index_rows(layers: Sequence[Any]) -> str | None:
         return None
     encs: list[str] = []
     for layer in recs:
-        for enc in layer.get("index_bits") or {}:
+        ib = layer.get("index_bits")
+        for enc in ib if isinstance(ib, Mapping) else {}:
             if enc not in encs:
                 encs.append(str(enc))
     rows = []
     for layer in recs:
         ib = layer.get("index_bits") if isinstance(layer.get("index_bits"), Mapping) else {}
-        chosen = layer.get("encoding")
+        chosen = layer.get("encoding") if isinstance(layer.get("encoding"), str) else None
         cells = [f"**{_int(ib.get(e))}**" if e == chosen and e in ib else _int(ib.get(e)) for e in encs]
         rows.append([layer.get("name", "?"), *cells, _int(layer.get("entropy_bits")), chosen or _DASH])
     return _table(["layer", *encs, "entropy bound", "chosen"], rows,
@@ -366,10 +380,9 @@ def _layers_table(layers: Sequence[Any]) -> str:
             density = _div(layer.get("nonzeros"), layer.get("params"))
         rows.append([f"`{layer.get('name', '?')}`", layer.get("kind") or _DASH, _int(layer.get("params")),
                      _int(layer.get("nonzeros")), _pct3(density),
-                     _DASH if layer.get("weight_bits") is None else layer["weight_bits"],
-                     _DASH if layer.get("act_bits") is None else layer["act_bits"],
+                     _bit_cell(layer.get("weight_bits")), _bit_cell(layer.get("act_bits")),
                      _int(layer.get("macs")), _sci(layer.get("bops")), _int(layer.get("memory_bits")),
-                     layer.get("encoding") or _DASH])
+                     layer.get("encoding") if isinstance(layer.get("encoding"), str) else _DASH])
 
     def total(key: str) -> float | None:
         vals = [finite(layer.get(key)) for layer in recs]

@@ -88,9 +88,16 @@ class Task(ABC):
         return {}
 
     def calibration_batches(self, n: int, batch_size: int, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
-        """``n`` training batches for calibration and scoring (default: the first of an epoch)."""
+        """``n`` training batches for calibration and scoring (default: the first of an epoch), each
+        checked by :meth:`check_batch` (an error names the batch)."""
+        from prunq.core.errors import PrunqError
+
         out: list[tuple[torch.Tensor, ...]] = []
         for batch in self.train_batches(batch_size, seed):
+            try:
+                self.check_batch(batch)
+            except PrunqError as e:
+                raise PrunqError(f"calibration batch {len(out)} (seed {seed}): {e}") from None
             out.append(batch)
             if len(out) >= n:
                 break
@@ -117,13 +124,22 @@ def inference(model: nn.Module) -> Iterator[nn.Module]:
             m.training = was_training
 
 
+#: The most parameters a zoo model may have: a recipe or manifest asking for more (``width: 100000``) is
+#: refused before anything is allocated (10^8 float32 weights are 400 MB, several times that to train).
+MAX_PARAMETERS = 10**8
+
+
 def build_from_zoo(zoo: dict[str, Any], name: str, **kwargs: Any) -> nn.Module:
-    """``zoo[name](**kwargs)``; an unknown name or argument is a :class:`~prunq.core.errors.PrunqError`."""
+    """``zoo[name](**kwargs)``; an unknown name or argument is a :class:`~prunq.core.errors.PrunqError`.
+
+    The model is first built on the ``meta`` device (shapes only, no memory, no random numbers drawn):
+    one with more than :data:`MAX_PARAMETERS` parameters is refused, naming the arguments. Each factory
+    checks its own arguments' types and ranges (``model.kwargs.<name>: ...``)."""
     import inspect
 
     from prunq.core.errors import PrunqError
 
-    if name not in zoo:
+    if not isinstance(name, str) or name not in zoo:
         raise PrunqError(f"model.name: unknown model {name!r} (choose from {', '.join(zoo)})")
     factory = zoo[name]
     try:
@@ -131,4 +147,28 @@ def build_from_zoo(zoo: dict[str, Any], name: str, **kwargs: Any) -> nn.Module:
     except TypeError as exc:
         allowed = ", ".join(inspect.signature(factory).parameters)
         raise PrunqError(f"model: {name} does not take these arguments ({exc}); allowed: {allowed}") from None
+    try:
+        with torch.device("meta"):
+            shape = factory(**kwargs)
+    except (RuntimeError, OverflowError, MemoryError, ValueError) as exc:
+        if isinstance(exc, PrunqError):
+            raise
+        first = (str(exc).splitlines() or [""])[0][:150]
+        raise PrunqError(f"model.kwargs: {name}{_call(kwargs)} cannot be built ({type(exc).__name__}: {first})") from None
+    n = sum(p.numel() for p in shape.parameters())
+    if n > MAX_PARAMETERS:
+        # Name the argument that grew the model when there is one (a number above its default).
+        params = inspect.signature(factory).parameters
+        grown = [k for k, v in kwargs.items() if _number(v) and _number(params[k].default) and v > params[k].default]
+        field = f"model.kwargs.{grown[0]}: {kwargs[grown[0]]!r}" if len(grown) == 1 else f"model.kwargs: {name}{_call(kwargs)}"
+        raise PrunqError(f"{field} builds a model of {n:,} parameters, over the limit of {MAX_PARAMETERS:,}")
     return factory(**kwargs)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _call(kwargs: dict[str, Any]) -> str:
+    text = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    return f"({text if len(text) <= 120 else text[:119] + '…'})"

@@ -94,9 +94,9 @@ def test_unknown_model_and_bad_arguments() -> None:
         build("vgg16")
     with pytest.raises(PrunqError, match="model: resnet20 does not take"):
         build("resnet20", dropout=0.5)
-    with pytest.raises(PrunqError, match="model.width"):
+    with pytest.raises(PrunqError, match="model.kwargs.width"):
         build("digits_cnn", width=0)
-    with pytest.raises(PrunqError, match="model.num_classes"):
+    with pytest.raises(PrunqError, match="model.kwargs.num_classes"):
         build("resnet20", num_classes=0)
-    with pytest.raises(PrunqError, match="model.depth"):
+    with pytest.raises(PrunqError, match="model.kwargs.depth"):
         models.CifarResNet(21)

@@ -32,14 +32,24 @@ def _scaled(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 
 
+#: Ranges of the zoo's arguments (the parameter count is bounded as well, by ``build_from_zoo``).
+MAX_WIDTH = 1000.0
+MAX_CLASSES = 100_000
+MAX_IN_CHANNELS = 10_000
+MAX_DEPTH = 1202  # ResNet-1202, the deepest of He et al. (2016)
+
+
+def _check_int(value: object, field: str, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise PrunqError(f"model.kwargs.{field}: must be an integer in [{lo}, {hi:,}], got {value!r}")
+
+
 def _check(width: float, num_classes: int, in_channels: int) -> None:
     """Validate the constructor arguments shared by every model (messages name the recipe field)."""
-    if not isinstance(width, (int, float)) or isinstance(width, bool) or not width > 0:
-        raise PrunqError(f"model.width: must be a positive number, got {width!r}")
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise PrunqError(f"model.num_classes: must be a positive integer, got {num_classes!r}")
-    if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
-        raise PrunqError(f"model.in_channels: must be a positive integer, got {in_channels!r}")
+    if not isinstance(width, (int, float)) or isinstance(width, bool) or not 0 < width <= MAX_WIDTH:
+        raise PrunqError(f"model.kwargs.width: must be a positive number up to {MAX_WIDTH:g}, got {width!r}")
+    _check_int(num_classes, "num_classes", 1, MAX_CLASSES)
+    _check_int(in_channels, "in_channels", 1, MAX_IN_CHANNELS)
 
 
 def _conv_bn_relu(cin: int, cout: int, index: int) -> list[tuple[str, nn.Module]]:
@@ -77,8 +87,8 @@ class DigitsCNN(nn.Module):
     ) -> None:
         super().__init__()
         _check(width, num_classes, in_channels)
-        if not 0.0 <= dropout < 1.0:
-            raise PrunqError(f"model.dropout: must be in [0, 1), got {dropout!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise PrunqError(f"model.kwargs.dropout: must be a number in [0, 1), got {dropout!r}")
         c1, c2, c3, hidden = (_scaled(c, width) for c in (32, 64, 128, 128))
         self.features = nn.Sequential(
             OrderedDict(
@@ -152,8 +162,8 @@ class CifarResNet(nn.Module):
     ) -> None:
         super().__init__()
         _check(width, num_classes, in_channels)
-        if depth < 8 or (depth - 2) % 6 != 0:
-            raise PrunqError(f"model.depth: must be 6n+2 with n >= 1 (20, 32, 56, ...), got {depth!r}")
+        if isinstance(depth, bool) or not isinstance(depth, int) or not 8 <= depth <= MAX_DEPTH or (depth - 2) % 6:
+            raise PrunqError(f"model.kwargs.depth: must be 6n+2 with 1 <= n <= 200 (20, 32, 56, ..., 1202), got {depth!r}")
         n = (depth - 2) // 6
         c1, c2, c3 = (_scaled(c, width) for c in (16, 32, 64))
         self.depth = depth

@@ -36,6 +36,12 @@ __all__ = ["MODELS", "StereoNet", "build", "group_correlation"]
 
 STRIDE = 8  # total stride: features at 1/4, one more 2x level inside the aggregation hourglass
 FEATURE_STRIDE = 4
+#: Ranges of StereoNet's arguments (the parameter count is bounded as well, by ``build_from_zoo``): the
+#: cost volume has ``groups * max_disp / 4`` channels at 1/4 resolution and is built in a loop over
+#: ``max_disp / 4`` disparities.
+MAX_WIDTH = 1000.0
+MAX_DISP = 2048
+MAX_GROUPS = 256
 
 
 def _scaled(channels: int, width: float) -> int:
@@ -136,12 +142,12 @@ class StereoNet(nn.Module):
 
     def __init__(self, width: float = 1.0, max_disp: int = 64, groups: int = 8) -> None:
         super().__init__()
-        if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
-            raise PrunqError(f"model.width: must be a positive number, got {width!r}")
-        if isinstance(max_disp, bool) or not isinstance(max_disp, int) or max_disp < FEATURE_STRIDE:
-            raise PrunqError(f"model.max_disp: must be an integer >= {FEATURE_STRIDE}, got {max_disp!r}")
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-            raise PrunqError(f"model.groups: must be a positive integer, got {groups!r}")
+        if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width <= MAX_WIDTH:
+            raise PrunqError(f"model.kwargs.width: must be a positive number up to {MAX_WIDTH:g}, got {width!r}")
+        if isinstance(max_disp, bool) or not isinstance(max_disp, int) or not FEATURE_STRIDE <= max_disp <= MAX_DISP:
+            raise PrunqError(f"model.kwargs.max_disp: must be an integer in [{FEATURE_STRIDE}, {MAX_DISP}], got {max_disp!r}")
+        if isinstance(groups, bool) or not isinstance(groups, int) or not 1 <= groups <= MAX_GROUPS:
+            raise PrunqError(f"model.kwargs.groups: must be an integer in [1, {MAX_GROUPS}], got {groups!r}")
         self.max_disp = max_disp
         self.n_disp = math.ceil(max_disp / FEATURE_STRIDE)
         self.groups = groups
