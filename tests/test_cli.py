@@ -51,6 +51,10 @@ def test_compress_writes_the_run_directory(good_run):
     assert files["packed_bytes"] == (out / "model.packed").stat().st_size
     assert files["dense_fp32_bytes"] == (out / "dense.safetensors").stat().st_size
     assert files["cost_model_bytes"] == m["compressed"]["memory_bits"] / 8 < files["packed_bytes"]
+    import prunq  # the packed file is the compressed model: same test metric
+
+    packed = prunq.load(out / "model.packed")
+    assert prunq.get_task("digits").evaluate(packed)["metric"] == m["compressed"]["metric"]
 
 
 def test_evaluate_and_report_from_a_saved_run(good_run):

@@ -48,3 +48,9 @@ def test_unknown_format_and_a_user_model_without_model_are_one_line_errors(run, 
     model = prunq.get_task("digits").build_model("digits_cnn", width=0.5)
     assert torch.equal(load_packed(path, model=model).classifier.fc2.weight,
                        prunq.load(d, convert=True).classifier.fc2.weight)  # fmt: skip
+
+
+def test_prunq_load_reads_a_packed_file_like_a_run(run):
+    d, _ = run
+    a, b = prunq.load(d / "model.packed").state_dict(), prunq.load(d, convert=True).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -292,3 +292,15 @@ def test_unreadable_numbers_in_metrics_are_one_line(tmp_path, text, message):
     with pytest.raises(PrunqError) as e:
         load_metrics(tmp_path)
     assert message in str(e.value) and "\n" not in str(e.value) and "metrics.json" in str(e.value)
+
+
+def test_the_files_section_shows_real_bytes_beside_the_cost_models_figure(tmp_path):
+    m = _metrics()
+    m["files"] = {"dense_fp32_bytes": 643104, "packed_bytes": 7753, "cost_model_bytes": 7411.375}
+    text = render_report(_write_run(tmp_path, m)).read_text()
+    assert "## Files" in text and "643,104" in text and "7,753" in text and "1.21 %" in text
+    assert "1.046× the cost model's figure" in text
+    m["files"] = {"dense_fp32_bytes": "x", "packed_error": "packed: layer 'a' shares its weight"}
+    (tmp_path / "run").rename(tmp_path / "old")
+    text = render_report(_write_run(tmp_path, m)).read_text()
+    assert "## Files" not in text  # nothing usable to show

@@ -107,11 +107,19 @@ def load(directory: str | Path, model: nn.Module | None = None, *, convert: bool
     plain weights (:func:`prunq.convert`: same outputs, no per-forward weight fake-quant — the fast form
     for inference; it can no longer be fine-tuned with its masks).
 
+    A packed file (``prunq export --format packed``, ``runs/demo/model.packed``) loads too: it holds the
+    converted model, so ``convert`` makes no difference there.
+
     >>> model = prunq.load("runs/demo")          # doctest: +SKIP
+    >>> model = prunq.load("runs/demo/model.packed")  # doctest: +SKIP
     """
     import prunq.methods  # noqa: F401  (registers the transforms' replay functions)
 
     d = Path(directory)
+    if d.is_file():
+        from prunq.pipeline.export import load_packed
+
+        return load_packed(d, model)
     manifest = read_manifest(d)
     if model is None:
         from prunq.tasks import TASKS, build_model  # the zoo; lower layers stay free of tasks

@@ -269,6 +269,32 @@ def _div(a: Any, b: Any) -> float | None:
     return fa / fb
 
 
+def _files(metrics: Mapping[str, Any]) -> str | None:
+    """Real files beside the cost model's figure (``metrics["files"]``): what the savings weigh on disk."""
+    files = metrics.get("files")
+    if not isinstance(files, Mapping):
+        return None
+    dense = finite(files.get("dense_fp32_bytes"))
+    rows = []
+    for key, label in (("dense_fp32_bytes", "dense model, fp32 safetensors"), ("packed_bytes", "`model.packed`"),
+                       ("cost_model_bytes", "cost model (`memory_bits` / 8; a figure, not a file)")):  # fmt: skip
+        v = finite(files.get(key))
+        if v is None:
+            continue
+        share = f"{100 * v / dense:.3g} %" if dense else _DASH
+        rows.append([label, _int(round(v)), share])
+    if not rows:
+        return None
+    lines = ["## Files", "", _table(["", "bytes", "of dense"], rows, "lrr")]
+    packed, cost = finite(files.get("packed_bytes")), finite(files.get("cost_model_bytes"))
+    if packed and cost:
+        lines += ["", f"The packed file is {packed / cost:.3f}× the cost model's figure (a 9-byte header per "
+                      "layer, the model's origin, the safetensors header); `prunq.load` reads it back bit for bit."]  # fmt: skip
+    if isinstance(files.get("packed_error"), str):
+        lines += ["", f"No packed file: {files['packed_error'][:300]}"]
+    return "\n".join(lines)
+
+
 def _headline(metrics: Mapping[str, Any]) -> str:
     name = str(metrics.get("metric_name", "metric"))
     d, p, c = (_section(metrics, k) for k in ("dense", "pruned", "compressed"))
@@ -507,6 +533,9 @@ def render_report(run_dir: str | os.PathLike[str]) -> Path:
 
     parts = [f"# prunq report: {metrics.get('task')}", "", f"**{summary_line(metrics)}**", "",
              " · ".join(meta), "", "## Headline", "", _headline(metrics), ""]
+    files = _files(metrics)
+    if files:
+        parts += [files, ""]
     parts += ["## Layers", "", _layers_table(metrics["layers"]), "",
               "![Per-layer density and bit-widths](plots/layers.png)", ""]
     encodings = _encodings(metrics)
