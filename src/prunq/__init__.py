@@ -21,6 +21,7 @@ _EXPORTS = {
     "CompressResult": "prunq.pipeline.run",
     "train_dense": "prunq.pipeline.run",
     "load": "prunq.pipeline.io",
+    "export": "prunq.pipeline.export",
     "save": "prunq.pipeline.io",
     "run_methods": "prunq.pipeline.run",
     "MethodConfig": "prunq.core.config",

@@ -48,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write a run's compressed model as a deployable file")
     x.add_argument("run", type=Path, help="run directory (written by prunq compress)")
-    x.add_argument("--format", default="packed", help="packed (the cost model's size; prunq.load reads it)")
+    x.add_argument("--format", default="packed",
+                   help="packed (the cost model's size; prunq.load reads it) | qonnx (qonnx, hls4ml, FINN) | onnx "
+                        "(ONNX Runtime, int8 QDQ) | onnx-int4 (<=4-bit weights as INT4: smaller) | onnx-fp32")  # fmt: skip
     x.add_argument("--out", type=Path, required=True, help="file to write")
     x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return p

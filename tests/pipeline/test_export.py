@@ -54,3 +54,42 @@ def test_prunq_load_reads_a_packed_file_like_a_run(run):
     d, _ = run
     a, b = prunq.load(d / "model.packed").state_dict(), prunq.load(d, convert=True).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_onnx_formats_from_a_run_run_in_onnx_runtime_and_qonnx_like_prunq(run, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("qonnx")
+    import numpy as np
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+
+    d, _ = run
+    model = prunq.load(d, convert=True)
+    task = prunq.get_task("digits")
+    x = next(task.test_batches(8))[0]
+    with torch.no_grad():
+        want = model(x).numpy()
+    sizes = {}
+    for fmt in ("qonnx", "onnx", "onnx-int4", "onnx-fp32"):
+        path = export(d, tmp_path / f"m.{fmt}.onnx", fmt, example_inputs=(x,))
+        sizes[fmt] = path.stat().st_size
+        if fmt == "qonnx":
+            w = ModelWrapper(str(path))
+            got = execute_onnx(w, {w.graph.input[0].name: x.numpy()})[w.graph.output[0].name]
+            assert np.abs(got - want).max() <= 1e-5 * max(1.0, float(np.abs(want).max()))
+        else:
+            sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+            if fmt == "onnx-fp32":
+                assert got.shape == want.shape  # quantizers dropped: a baseline, not the compressed model
+            else:
+                assert (got.argmax(1) == want.argmax(1)).all()
+    assert sizes["onnx-int4"] < sizes["onnx"] < sizes["onnx-fp32"]
+    with pytest.raises(PrunqError, match="needs example_inputs"):
+        export_bytes(_result_tuple(d), "onnx")
+
+
+def _result_tuple(d):
+    from prunq.pipeline.io import read_manifest
+
+    return prunq.load(d, convert=True), read_manifest(d)

@@ -1,7 +1,16 @@
 """``prunq export`` / :func:`prunq.export`: deployable files from a run (METHOD.md §7).
 
-Formats: ``packed`` (:mod:`prunq.export.packed`: the compressed model at the cost model's size, read back by
-:func:`prunq.load`). Files are written atomically; what a format cannot express is a one-line
+Formats:
+
+* ``packed`` (:mod:`prunq.export.packed`): the compressed model at the cost model's size, read back by
+  :func:`prunq.load`;
+* ``qonnx`` (:mod:`prunq.export.qonnx`): ONNX + ``Quant`` nodes, for qonnx's executor, hls4ml and FINN;
+* ``onnx`` / ``onnx-int4`` (:mod:`prunq.export.onnx_qdq`): QDQ for ONNX Runtime (int8 weights, uint8
+  activations: fused integer kernels) / the same with ≤ 4-bit weights as INT4 initializers (smaller, not
+  faster); ``onnx-fp32``: the float network, a baseline.
+
+The ONNX formats need the ``export`` extra and example inputs (their graphs have fixed shapes): a run's
+task gives them. Files are written atomically; what a format cannot express is a one-line
 :class:`~prunq.core.errors.PrunqError` and nothing is written.
 """
 
@@ -19,7 +28,7 @@ from prunq.export import packed as P
 from prunq.report.fsutil import atomic_write_bytes
 
 #: format -> file suffix
-FORMATS = {"packed": ".packed"}
+FORMATS = {"packed": ".packed", "qonnx": ".onnx", "onnx": ".onnx", "onnx-int4": ".onnx", "onnx-fp32": ".onnx"}
 PACKED_FILE = "model.packed"
 
 
@@ -40,21 +49,56 @@ def _model_and_manifest(source: Any) -> tuple[nn.Module, dict[str, Any]]:
     return model, json.loads(json.dumps(manifest))
 
 
-def export_bytes(source: Any, format: str = "packed") -> bytes:  # noqa: A002
-    """The bytes of ``source`` (a run directory, a CompressResult, or ``(model, manifest)``) in ``format``."""
+def run_example_inputs(run_dir: str | Path) -> tuple:
+    """The example inputs of a run's task (its ``recipe.yaml``): what fixes an ONNX graph's shapes."""
+    from prunq.pipeline.recipes import load_recipe
+    from prunq.pipeline.runs import make_task
+    from prunq.report.fsutil import inside_run
+
+    return tuple(make_task(load_recipe(inside_run(Path(run_dir), "recipe.yaml"))).example_inputs())
+
+
+def _onnx(model: nn.Module, example_inputs: tuple, format: str) -> bytes:  # noqa: A002
+    try:
+        if format == "qonnx":
+            from prunq.export.qonnx import to_qonnx
+
+            proto = to_qonnx(model, example_inputs)
+        else:
+            from prunq.export.onnx_qdq import to_onnx_fp32, to_onnx_qdq
+
+            if format == "onnx-fp32":
+                proto = to_onnx_fp32(model, example_inputs)
+            else:
+                proto = to_onnx_qdq(model, example_inputs, int4=format == "onnx-int4")
+    except ImportError as e:
+        raise PrunqError(f"--format {format}: needs the export extra (pip install 'prunq[export]'; {e.name} is missing)") from None
+    return proto.SerializeToString()
+
+
+def export_bytes(source: Any, format: str = "packed", example_inputs: tuple | None = None) -> bytes:  # noqa: A002
+    """The bytes of ``source`` (a run directory, a CompressResult, or ``(model, manifest)``) in ``format``.
+    ``example_inputs`` fix the ONNX graphs' shapes (default for a run directory: its task's)."""
     if format not in FORMATS:
         raise PrunqError(f"--format: unknown format {format!r} (choose from {', '.join(FORMATS)})")
     model, manifest = _model_and_manifest(source)
-    return P.pack(model, manifest)
+    if format == "packed":
+        return P.pack(model, manifest)
+    if example_inputs is None:
+        if not isinstance(source, (str, Path)):
+            raise PrunqError(f"export: --format {format} needs example_inputs (the graph's input shapes)")
+        example_inputs = run_example_inputs(source)
+    return _onnx(model, tuple(example_inputs), format)
 
 
-def export(source: Any, out: str | Path, format: str = "packed") -> Path:  # noqa: A002
+def export(source: Any, out: str | Path, format: str = "packed", example_inputs: tuple | None = None) -> Path:  # noqa: A002
     """Write ``source`` in ``format`` to ``out`` (atomically). Returns ``out``.
 
     >>> prunq.export("runs/demo", "demo.packed")           # doctest: +SKIP
     >>> prunq.load("demo.packed")                          # doctest: +SKIP
+    >>> prunq.export("runs/demo", "demo.onnx", "onnx")     # doctest: +SKIP  (ONNX Runtime, int8)
     """
-    data = export_bytes(source, format)
+    data = export_bytes(source, format, example_inputs)
     return atomic_write_bytes(Path(out), data)
 
 
