@@ -221,6 +221,13 @@ def initializer(graph: Any, name: str) -> Any | None:
     return None
 
 
+def require_weight_quantizers(layers: list, what: str, needs: str) -> None:
+    """A compressed layer without a weight quantizer is a one-line error naming it."""
+    for layer in layers:
+        if layer.weight_q is None:
+            raise PrunqError(f"{what}: layer '{layer.name}' has no weight quantizer ({needs} needs every compressed layer quantized)")
+
+
 def add_initializer(graph: Any, name: str, array: np.ndarray, dtype: int | None = None) -> str:
     """Add ``array`` as an initializer (``dtype``: an ONNX TensorProto type for 4-bit ints); returns ``name``."""
     onnx = _onnx()

@@ -215,11 +215,7 @@ def to_onnx_qdq(model: nn.Module, example_inputs: Any, int4: bool = False, *, al
     opset = G.TORCHSCRIPT_MAX_OPSET if int4 else OPSET
     marked = G.export_marked(model, example_inputs, WHAT, opset)
     if not allow_float:
-        for layer in marked.layers:
-            if layer.weight_q is None:
-                raise PrunqError(
-                    f"{WHAT}: layer '{layer.name}' has no weight quantizer (ONNX QDQ export needs every compressed layer quantized)"
-                )
+        G.require_weight_quantizers(marked.layers, WHAT, "ONNX QDQ export")
     proto = marked.model
     graph = proto.graph
     G.check_unique_markers(graph, WHAT)

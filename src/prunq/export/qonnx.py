@@ -66,11 +66,7 @@ def to_qonnx(model: nn.Module, example_inputs: Any, *, opset: int = 13, cleanup:
     """
     onnx = G._onnx()
     marked = G.export_marked(model, example_inputs, WHAT, opset)
-    for layer in marked.layers:
-        if layer.weight_q is None:
-            raise PrunqError(
-                f"{WHAT}: layer '{layer.name}' has no weight quantizer (QONNX needs every compressed layer quantized)"
-            )
+    G.require_weight_quantizers(marked.layers, WHAT, "QONNX")
     proto = marked.model
     graph = proto.graph
     G.check_unique_markers(graph, WHAT)
