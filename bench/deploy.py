@@ -271,8 +271,11 @@ def hls_figures(quick: bool) -> dict[str, Any]:
     dense, _, _ = dense_model(recipe, task, quiet=True)
     x_test = torch.cat([x for x, _ in task.test_batches()])
     out: dict[str, Any] = {}
-    for s in (0.0, 0.95, 0.98, 0.99):
-        r = recipe.with_(**{"prune.sparsity": s}) if s else recipe.with_(**{"prune.sparsity": 0.0})
+    for s in (0.0, 0.95, 0.98, 0.99):  # 0: the dense model through the same quantize method (w4a8, no mask)
+        if s:
+            r = recipe.with_(**{"prune.sparsity": s})
+        else:
+            r = recipe.model_copy(update={"methods": [m for m in recipe.methods if m.kind == "quantize"]})
         result = compress(copy.deepcopy(dense), task, r, quiet=True)
         converted = prunq.convert(copy.deepcopy(result.model)).eval()
         with tempfile.TemporaryDirectory() as d:
@@ -284,7 +287,9 @@ def hls_figures(quick: bool) -> dict[str, Any]:
             ref = converted(x_test).numpy()
         out[f"{s:g}"] = {
             "sparsity": result.metrics["compressed"]["sparsity"], "top1_prunq": result.metrics["compressed"]["metric"],
-            "bops": result.metrics["compressed"]["bops"], "hls": hls.summary(), "build_s": build_s,
+            "bops": result.metrics["compressed"]["bops"], "hls": hls.totals, "build_s": build_s,
+            "hls_layers": [{k: v for k, v in lay.items() if k in ("name", "n_weights", "n_zeros", "multiplier_limit",
+                                                                   "weight_precision")} for lay in hls.layers],
             "csim_vs_prunq_max_abs_diff": float(np.abs(sim.reshape(ref.shape) - ref).max()),
             "csim_predictions_differing": int((sim.reshape(ref.shape).argmax(1) != ref.argmax(1)).sum()),
         }  # fmt: skip
@@ -340,11 +345,11 @@ def write_md(res: dict[str, Any], path: Path) -> None:
         dense_mult = None
         for k, h in res["hls"].items():
             s = h["hls"]
-            mult = s.get("multipliers")
+            mult = s.get("multiplier_limit")
             dense_mult = dense_mult or mult
             share = f" ({100 * mult / dense_mult:.1f} %)" if mult is not None and dense_mult else ""
             lines.append(f"| {100 * h['sparsity']:.1f} % | {100 * h['top1_prunq']:.1f} % | {h['bops']:.3g} | "
-                         f"{s.get('zero_weights')} | {mult}{share} | {h['csim_predictions_differing']} predictions differ, "
+                         f"{s.get('n_zeros'):,} of {s.get('n_weights'):,} | {mult:,}{share} | {h['csim_predictions_differing']} predictions differ, "
                          f"max diff {h['csim_vs_prunq_max_abs_diff']:.2g} | {h['build_s']:.0f} s |")  # fmt: skip
     path.write_text("\n".join(lines) + "\n")
 
