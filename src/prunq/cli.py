@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("run", type=Path, help="run directory (written by prunq compress)")
     x.add_argument("--format", default="packed",
                    help="packed (the cost model's size; prunq.load reads it) | qonnx (qonnx, hls4ml, FINN) | onnx "
-                        "(ONNX Runtime, int8 QDQ) | onnx-int4 (<=4-bit weights as INT4: smaller) | onnx-fp32")  # fmt: skip
+                        "(ONNX Runtime, int8 QDQ) | onnx-int4 (<=4-bit weights as INT4: smaller) | onnx-fp32 | "
+                        "hls4ml (a C++ project directory; needs quant.power_of_two: true)")  # fmt: skip
     x.add_argument("--out", type=Path, required=True, help="file to write")
     x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return p
@@ -217,7 +218,14 @@ def _kept(args) -> str:
 
 
 def cmd_export(args) -> int:
-    from prunq.pipeline.export import export
+    from prunq.pipeline.export import export, export_hls
+
+    if args.format == "hls4ml":
+        path = export_hls(args.run, args.out, overwrite=args.overwrite)
+        totals = json.loads((path / "prunq_hls.json").read_text())["totals"]
+        print(f"wrote {path}/ (hls4ml project; {totals['n_zeros']:,} of {totals['n_weights']:,} weights zero, "
+              f"multiplier limit {totals['multiplier_limit']:,})")  # fmt: skip
+        return 0
 
     if (args.out.exists() or args.out.is_symlink()) and not args.overwrite:
         raise PrunqError(f"--out: {args.out} exists; pass --overwrite to replace it")

@@ -93,3 +93,27 @@ def _result_tuple(d):
     from prunq.pipeline.io import read_manifest
 
     return prunq.load(d, convert=True), read_manifest(d)
+
+
+def test_hls4ml_projects_need_power_of_two_steps_and_are_written_as_a_directory(run, tmp_path):
+    pytest.importorskip("hls4ml")
+    import json
+
+    from torch import nn
+
+    from prunq.pipeline.export import export_hls
+    from prunq.quant import QuantConfig, calibrate, convert, prepare
+
+    d, _ = run
+    with pytest.raises(PrunqError, match=r"non-power-of-two .*quant\.power_of_two: true"):
+        export_hls(d, tmp_path / "hls")
+    assert not (tmp_path / "hls").exists()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    prepare(net, QuantConfig(weight_bits=4, act_bits=8, power_of_two=True))
+    x = torch.randn(4, 6)
+    calibrate(net, [x])
+    out = export_hls((convert(net), {"model": {"origin": "user"}, "transforms": []}), tmp_path / "hls", (x[:1],))
+    figures = json.loads((out / "prunq_hls.json").read_text())
+    assert figures["totals"]["n_weights"] == 6 * 5 + 5 * 3
+    assert (out / "project").is_dir() and not list(tmp_path.glob(".hls.tmp-*"))

@@ -7,7 +7,9 @@ Formats:
 * ``qonnx`` (:mod:`prunq.export.qonnx`): ONNX + ``Quant`` nodes, for qonnx's executor, hls4ml and FINN;
 * ``onnx`` / ``onnx-int4`` (:mod:`prunq.export.onnx_qdq`): QDQ for ONNX Runtime (int8 weights, uint8
   activations: fused integer kernels) / the same with ≤ 4-bit weights as INT4 initializers (smaller, not
-  faster); ``onnx-fp32``: the float network, a baseline.
+  faster); ``onnx-fp32``: the float network, a baseline;
+* ``hls4ml`` (:mod:`prunq.export.hls`): an hls4ml C++ project (a directory) from the QONNX graph, with
+  hls4ml's own figures in ``prunq_hls.json``; needs power-of-two steps (``quant.power_of_two: true``).
 
 The ONNX formats need the ``export`` extra and example inputs (their graphs have fixed shapes): a run's
 task gives them. Files are written atomically; what a format cannot express is a one-line
@@ -100,6 +102,32 @@ def export(source: Any, out: str | Path, format: str = "packed", example_inputs:
     """
     data = export_bytes(source, format, example_inputs)
     return atomic_write_bytes(Path(out), data)
+
+
+def export_hls(source: Any, out: str | Path, example_inputs: tuple | None = None, *, overwrite: bool = False) -> Path:
+    """Write the hls4ml project of ``source`` into the directory ``out`` (atomically; not compiled: run
+    ``make``/``build_lib.sh`` there, or :func:`prunq.export.hls.to_hls` with ``compile=True``), with
+    hls4ml's figures per layer in ``out/prunq_hls.json``."""
+    from prunq.report.fsutil import atomic_dir
+
+    model, _ = _model_and_manifest(source)
+    if example_inputs is None:
+        if not isinstance(source, (str, Path)):
+            raise PrunqError("export: --format hls4ml needs example_inputs (the graph's input shapes)")
+        example_inputs = run_example_inputs(source)
+    try:
+        from prunq.export.hls import to_hls
+    except ImportError as e:  # pragma: no cover - the module imports hls4ml lazily
+        raise PrunqError(f"--format hls4ml: needs the hls4ml extra ({e})") from None
+    guard = atomic_dir(Path(out), overwrite=overwrite)
+    try:
+        with guard as tmp:
+            res = to_hls(model, tuple(example_inputs), Path(tmp) / "project", compile=False)
+            figures = {"layers": res.layers, "totals": res.totals}
+            (Path(tmp) / "prunq_hls.json").write_text(json.dumps(figures, indent=2, default=str))
+    finally:
+        guard.close()
+    return Path(out)
 
 
 def load_packed(path: str | Path, model: nn.Module | None = None) -> nn.Module:

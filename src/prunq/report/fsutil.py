@@ -123,7 +123,9 @@ def _refuse(final: Path) -> PrunqError:
 
 #: Files whose presence (as regular files holding a JSON object) marks a directory prunq wrote:
 #: a run's manifest, a sweep's table.
-RUN_MARKERS: tuple[tuple[str, str], ...] = (("model.json", "format"), ("sweep.json", "rows"))
+RUN_MARKERS: tuple[tuple[str, str], ...] = (
+    ("model.json", "format"), ("sweep.json", "rows"), ("prunq_hls.json", "totals"),
+)
 
 
 def is_prunq_run(path: Path) -> bool:
