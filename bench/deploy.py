@@ -237,8 +237,13 @@ def stereo(quick: bool) -> dict[str, Any]:
         ref = converted(*pair)
     sess = _ort_session(to_onnx_qdq(converted, pair))
     ort_out = torch.from_numpy(sess.run(None, _feed(sess, pair))[0])
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+
+    w = ModelWrapper(to_qonnx(converted, pair))  # qonnx's executor, node by node, at 500x741
+    q_out = torch.from_numpy(execute_onnx(w, {i.name: x.numpy() for i, x in zip(w.graph.input, pair)})[w.graph.output[0].name])
     meters = {}
-    for name, pred in (("prunq", ref), ("ort_int8_qdq", ort_out)):
+    for name, pred in (("prunq", ref), ("ort_int8_qdq", ort_out), ("qonnx", q_out)):
         m = StereoMeter()
         m.update(pred.float(), gt)
         meters[name] = m.compute()["epe"]
@@ -253,6 +258,7 @@ def stereo(quick: bool) -> dict[str, Any]:
         m.update(pred.float(), val_in[2])
         val[name] = m.compute()["epe"]
     agree = {"middlebury_epe": meters, "val_epe": val, "max_abs_diff_px": float((ort_out - ref).abs().max()),
+             "qonnx_max_abs_diff_px": float((q_out.reshape(ref.shape) - ref).abs().max()),
              "fused_ops": _fused(to_onnx_qdq(converted, pair))}  # fmt: skip
     return {"model": "stereo_net", "result": result, "dense": dense, "converted": converted, "example": pair,
             "batch": lambda b: (left.expand(b, -1, -1, -1).contiguous(), right.expand(b, -1, -1, -1).contiguous()),
