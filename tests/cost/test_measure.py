@@ -11,10 +11,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import prunq.cost.measure as cost
-from prunq.cost.measure import ENCODINGS, LayerQuant, measure
 from prunq.core.errors import PrunqError
+from prunq.cost.measure import ENCODINGS, LayerQuant, measure
 from prunq.prune.masks import attach_mask, set_mask
-
 from tests.cost.test_encodings import HAND_ENTROPY, HAND_MASK  # the hand mask, its encodings worked out there
 
 HAND_W = torch.tensor([[0.5, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, -0.25]])
@@ -282,3 +281,95 @@ def test_a_pruned_filter_with_a_bias_is_not_dead():
         m[0].weight[1] = 0.0
         m[0].bias.fill_(0.5)  # a constant, not zero
     assert cost.measure(m, (torch.zeros(1, 1, 5, 5),)).layer("2").dead_inputs == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Weight BOPs + activation BOPs (METHOD.md §4)
+# ---------------------------------------------------------------------------------------------------
+
+
+class _QK(nn.Module):
+    """``Linear(4, 4)`` gives q; ``q * x`` multiplies two activations: 4 products per example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(4, 4, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.q(x) * x
+
+
+def test_no_activation_products_leaves_bops_as_before():
+    c = measure(hand_linear(), (torch.ones(1, 4),), quant={"0": Q_W4A8})
+    assert c.act_sites == [] and c.act_bops == 0.0 and c.act_macs == 0
+    assert c.bops == c.weight_bops == pytest.approx(64)  # 12 MACs * 1/6 * 4 * 8, as before
+    assert c.dense_fp32_bops == 12 * 32 * 32 and c.dense_int8_bops == 12 * 8 * 8
+    d = c.to_dict()
+    assert (d["weight_bops"], d["act_bops"], d["act_macs"], d["act_sites"]) == (64.0, 0.0, 0, [])
+
+
+def test_bops_are_weight_plus_activation_bops():
+    m = _QK()
+    c = measure(m, (torch.randn(3, 4),), quant={"q": LayerQuant(weight_bits=4, act_bits=8)})
+    (s,) = c.act_sites
+    # weight: 16 MACs * 4 * 8 = 512; activation: q(x) * x, 4 products at 32 x 32 (neither is quantized)
+    assert (s.kind, s.bits, s.macs) == ("act*act", (32, 32), 4)
+    assert c.weight_bops == pytest.approx(16 * 4 * 8) and c.act_bops == 4 * 32 * 32 and c.act_macs == 4
+    assert c.bops == pytest.approx(c.weight_bops + c.act_bops) == 512 + 4096
+    # the dense references count the activation products too: (16 + 4) MACs
+    assert c.dense_fp32_bops == 20 * 32 * 32 and c.dense_int8_bops == 20 * 8 * 8
+    assert c.bops_ratio == pytest.approx((512 + 4096) / (20 * 1024))
+    d = c.to_dict()
+    json.dumps(d, allow_nan=False)
+    assert d["bops"] == d["weight_bops"] + d["act_bops"]
+    assert d["act_sites"] == [
+        {"name": "<model>:mul", "module": "", "op": "mul", "kind": "act*act", "bits": [32, 32], "calls": 1,
+         "dense_macs": 4, "macs": 4, "bops": 4096.0, "where": s.where}
+    ]  # fmt: skip
+    # precomputed or switched off
+    assert measure(m, (torch.randn(3, 4),), act_sites=[]).act_bops == 0
+    assert measure(m, (torch.randn(3, 4),), act_sites=c.act_sites).act_bops == c.act_bops
+    assert measure(m, None, macs={"q": 16}).act_sites == []
+
+
+def test_reference_ratio_includes_activation_products():
+    m = _QK()
+    x = (torch.randn(1, 4),)
+    dense = measure(m, x)
+    assert dense.bops == dense.dense_fp32_bops == (16 + 4) * 1024 and dense.bops_ratio == 1.0
+    attach_mask(m.q)
+    set_mask(m.q, torch.tensor([[1.0, 0, 0, 0]] * 4))  # 3/4 pruned
+    c = measure(m, x, reference=dense)
+    assert c.weight_bops == 4 * 1024 and c.act_bops == 4 * 1024
+    assert c.bops_ratio == pytest.approx(8 / 20)
+
+
+def test_dead_channels_leave_activation_products_out():
+    m = _QK()
+    attach_mask(m.q)
+    set_mask(m.q, torch.tensor([[1.0] * 4, [0.0] * 4, [1.0] * 4, [0.0] * 4]))  # outputs 1 and 3 pruned, no bias
+    c = measure(m, (torch.randn(2, 4),))
+    (s,) = c.act_sites
+    assert (s.dense_macs, s.macs) == (4, 2) and c.act_bops == 2 * 1024
+    assert c.dense_fp32_bops == (16 + 4) * 1024  # the dense reference counts every product
+    assert measure(m, (torch.randn(2, 4),), dead_channels=False).act_macs == 4
+
+
+def test_stereo_net_weight_and_activation_bops():
+    """StereoNet at the stereo task's small example size (64 x 128, max_disp 32): the correlation volume
+    and soft-argmin are activation products. C=32 features at 16 x 32 over 8 disparities:
+    32 * 16 * (32 + 31 + ... + 25) = 116736 products; soft-argmin 8 * 16 * 32 = 4096, 3584 without d = 0."""
+    from prunq.tasks.stereo.models import StereoNet
+
+    torch.manual_seed(0)
+    m = StereoNet(max_disp=32)
+    x = (torch.rand(1, 3, 64, 128), torch.rand(1, 3, 64, 128))
+    c = measure(m, x)
+    sites = {s.name: s for s in c.act_sites}
+    assert set(sites) == {"group_correlation:mul", "_soft_argmin:mul"}
+    corr, soft = sites["group_correlation:mul"], sites["_soft_argmin:mul"]
+    assert (corr.kind, corr.calls, corr.macs, corr.bits) == ("act*act", 8, 116736, (32, 32))
+    assert (soft.kind, soft.dense_macs, soft.macs) == ("act*const", 4096, 3584)
+    assert c.weight_bops > 0 and c.act_bops > 0
+    assert c.bops == pytest.approx(c.weight_bops + c.act_bops)
+    assert c.dense_fp32_bops == (c.macs + 116736 + 4096) * 32 * 32

@@ -304,3 +304,17 @@ def test_the_files_section_shows_real_bytes_beside_the_cost_models_figure(tmp_pa
     (tmp_path / "run").rename(tmp_path / "old")
     text = render_report(_write_run(tmp_path, m)).read_text()
     assert "## Files" not in text  # nothing usable to show
+
+
+def test_activation_products_are_shown_beside_weight_bops(tmp_path):
+    m = _metrics()
+    m["compressed"].update(weight_bops=3.0e6, act_bops=1.0e6)
+    m["act_sites"] = [{"name": "group_correlation:mul", "kind": "act*act", "bits": [32, 32], "macs": 1000, "bops": 1.0e6},
+                      {"name": "bad", "bits": "x", "macs": "y"}]  # fmt: skip
+    text = render_report(_write_run(tmp_path, m)).read_text()
+    assert "weight × activation 3e+06 + activation × activation 1e+06 (25.0 %)" in text
+    assert "`group_correlation:mul` | act*act | 32×32 | 1,000 | 1e+06" in text
+    (tmp_path / "run").rename(tmp_path / "old")
+    m["compressed"]["act_bops"] = 0.0
+    m["act_sites"] = []
+    assert "## Bit-operations" not in render_report(_write_run(tmp_path, m)).read_text()

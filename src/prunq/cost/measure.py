@@ -7,10 +7,19 @@ is ``Q(mask * W)`` -- viewed in the canonical layout ``(out, in_per_group, *kern
 Per compressed layer ``l`` (``N_l`` weights, ``nz_l`` non-zeros, ``rho_l = nz_l / N_l``, dense
 ``MAC_l`` per sample, weight bits ``b_w``, input-activation bits ``b_a``):
 
-* ``bops_l = MAC_l * rho_l * b_w * b_a``;
+* ``bops_l = MAC_l * rho_l * b_w * b_a`` (the *weight BOPs*; ``rho_l`` counting only weights on live
+  input channels);
 * ``memory_l = nz_l * b_w + index_bits_l + scale_bits_l + 32 * bias numel`` with the cheapest of four
   position encodings (``dense`` stores all ``N_l`` values and no index);
 * ``entropy_bits_l = N_l * H(rho_l)``, the information-theoretic floor for the positions.
+
+Multiplies no compressed layer owns -- correlation volumes, attention ``Q K^T`` / ``A V``, soft-argmin's
+weighted sum -- are the *activation BOPs*: ``act_bops = sum_site MAC_site * b_a * b_a'`` over the
+:class:`~prunq.cost.macs.ActSite` records of :func:`~prunq.cost.macs.count_activation_products` (its
+docstring has the rules: what is an activation, the bits, constants, dead channels). ``bops = weight_bops +
+act_bops``. The dense references count both: ``dense_fp32_bops = (sum_l MAC_l + sum_site dense MAC_site) *
+32 * 32`` (int8: ``* 8 * 8``), so ``bops_ratio`` stays "compressed vs dense fp32" with every multiply in
+both numerator and denominator.
 
 Choices this module makes where METHOD.md leaves room (each also said where it is implemented):
 
@@ -21,11 +30,17 @@ Choices this module makes where METHOD.md leaves room (each also said where it i
   layer's terms -- ``N_l`` weights, ``LayerQuant`` scales, 32-bit bias -- never again as "other".
   Everything else (normalisation, excluded layers, embeddings, quantizers that are sibling modules)
   is ``other_params`` at 32 bits. Buffers (masks, running statistics) are not parameters and cost 0.
+* Activation-product bits: an operand costs the bits of the activation quantizer whose output it is
+  (through value-preserving views, slicing, ``cat``, ``relu``), else 32 -- prunq quantizes only the inputs
+  of compressed layers, so today these products are 32 x 32 unless a model puts an ``ActQuantizer`` module
+  in front of them. An operand that is a fixed tensor (soft-argmin's disparity values) is a 32-bit
+  float, like an unquantized weight: ``b_a x 32``; its zero entries cost nothing, as zero weights do.
 * Ratios are ``compressed / reference`` (0.01 = 99 % cut). With ``reference=`` the ``dense_*`` fields
   of the result *are* the reference's, so ``memory_ratio == memory_bits / dense_fp32_memory_bits``
   always holds on one object.
 
-This is a lower layer: it imports :mod:`prunq.core.layers` and :mod:`prunq.core.errors` only.
+This is a lower layer: it imports :mod:`prunq.core` and :mod:`prunq.cost` only (and, through
+:mod:`prunq.cost.macs`, :mod:`prunq.quant`).
 """
 
 from __future__ import annotations
@@ -38,8 +53,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils.parametrize import type_before_parametrizations
 
+from prunq.core.config import QUANT_BITS, check_bits
+from prunq.core.errors import PrunqError
+from prunq.core.graph import ChannelGraph
+from prunq.core.records import LayerRecord, layer_records, recorded_layers
 from prunq.cost.encodings import (
     ENCODINGS,
     FLOAT_BITS,
@@ -48,24 +66,22 @@ from prunq.cost.encodings import (
     index_bits,
     relative_bits,
 )
-from prunq.core.config import QUANT_BITS, check_bits
-from prunq.core.errors import PrunqError
-from prunq.core.graph import ChannelGraph
-from prunq.cost.macs import count_macs
-from prunq.core.records import LayerRecord, layer_records, recorded_layers
+from prunq.cost.macs import ActSite, _count_macs, count_activation_products, count_macs, example_batch_size
 
 __all__ = [
     "ENCODINGS",
     "FLOAT_BITS",
-    "LayerQuant",
+    "ActSite",
     "LayerCost",
+    "LayerQuant",
     "ModelCost",
+    "best_relative",
+    "count_activation_products",
     "count_macs",
-    "measure",
     "entropy_bound_bits",
     "index_bits",
+    "measure",
     "relative_bits",
-    "best_relative",
 ]
 
 _INT8 = 8
@@ -219,6 +235,10 @@ class ModelCost:
 
     ``dense_*`` are the figures the ratios are taken against: this model's own dense equivalents, or
     the ``reference`` model's when :func:`measure` was given one. Ratios are ``compressed / dense``.
+
+    ``macs`` are the compressed layers' (dense) MACs; ``act_macs`` the live activation-product MACs.
+    ``bops == weight_bops + act_bops``: ``weight_bops = sum(layer.bops)``, ``act_bops = sum(site.bops)``
+    over ``act_sites``.
     """
 
     layers: list[LayerCost]
@@ -228,6 +248,10 @@ class ModelCost:
     sparsity: float
     macs: int
     bops: float
+    weight_bops: float
+    act_bops: float
+    act_macs: int
+    act_sites: list[ActSite]
     memory_bits: int
     memory_bits_by_encoding: dict[str, int]
     other_params: int
@@ -252,7 +276,8 @@ class ModelCost:
         """JSON-safe dict (``json.dumps(..., allow_nan=False)`` works): totals, ratios and ``layers``."""
         out: dict[str, Any] = {}
         for k in (
-            "params", "prunable_params", "nonzeros", "sparsity", "macs", "bops", "memory_bits",
+            "params", "prunable_params", "nonzeros", "sparsity", "macs", "bops", "weight_bops", "act_bops",
+            "act_macs", "memory_bits",
             "other_params", "other_bits", "dense_fp32_bops", "dense_fp32_memory_bits", "dense_int8_bops",
             "dense_int8_memory_bits", "memory_ratio", "bops_ratio", "memory_ratio_int8", "bops_ratio_int8",
         ):  # fmt: skip
@@ -260,6 +285,7 @@ class ModelCost:
             out[k] = _json_float(v) if isinstance(v, float) else v
         out["memory_bits_by_encoding"] = dict(self.memory_bits_by_encoding)
         out["layers"] = [lc.to_dict() for lc in self.layers]
+        out["act_sites"] = [s.to_dict() for s in self.act_sites]
         return out
 
 
@@ -400,6 +426,7 @@ def measure(
     macs: dict[str, int] | None = None,
     dead_channels: bool = True,
     batch_size: int | None = None,
+    act_sites: list[ActSite] | None = None,
 ) -> ModelCost:
     """Measure ``model`` with the cost model of METHOD.md §4.
 
@@ -413,13 +440,15 @@ def measure(
         reference: the :class:`ModelCost` of the dense, uncompressed model; ratios are then taken against
             *its* dense fp32 / int8 figures (the compressed model may have fewer parameters, e.g. after
             batch-norm folding), and this result's ``dense_*`` fields are copied from it.
-        macs: precomputed :func:`count_macs` result, to skip the forward pass.
+        macs: precomputed :func:`count_macs` result, to skip that forward pass.
         batch_size: examples in ``example_inputs`` (default: the first input's leading dimension; pass it
             for a sequence-first ``(T, B, ...)`` input), see :func:`prunq.cost.macs.count_macs`.
         dead_channels: trace the model's channel graph (:class:`prunq.core.graph.ChannelGraph`) and
             charge no BOPs for weights on a dead input channel — one whose producing filters are all
             zero with no bias or BatchNorm shift (METHOD.md §4). A model fx cannot trace counts every
-            input channel as alive.
+            input channel as alive. Also leaves dead channels out of the activation products.
+        act_sites: precomputed :func:`count_activation_products` result; by default they are counted on
+            ``example_inputs`` (none when ``example_inputs`` is None; pass ``[]`` to leave them out).
 
     Definitions:
         * ``params``: every parameter of the model, a measured layer counting ``N_l`` + its bias (see the
@@ -428,9 +457,11 @@ def measure(
         * ``sparsity = 1 - sum nz_l / sum N_l`` over the measured layers.
         * ``memory_bits = sum_l min_encoding memory_l + other_bits``; ``memory_bits_by_encoding[e]`` is the
           same with every layer forced to ``e`` (``"best"`` == ``memory_bits``).
-        * Dense fp32: ``sum MAC_l * 32 * 32`` BOPs and ``32 * params`` bits. Dense int8:
-          ``sum MAC_l * 8 * 8`` BOPs and ``8 * prunable_params + 32 * (params - prunable_params)`` bits
-          (no steps counted).
+        * ``bops = weight_bops + act_bops``: ``weight_bops = sum_l MAC_l * rho_l * b_w * b_a``,
+          ``act_bops = sum_site MAC_site * b_a * b_a'`` (module docstring).
+        * Dense fp32: ``(sum MAC_l + sum dense MAC_site) * 32 * 32`` BOPs and ``32 * params`` bits. Dense
+          int8: the same MACs ``* 8 * 8`` BOPs and ``8 * prunable_params + 32 * (params - prunable_params)``
+          bits (no steps counted).
 
     >>> m = nn.Sequential(nn.Linear(4, 3, bias=False))
     >>> c = measure(m, (torch.zeros(1, 4),), quant={"0": LayerQuant(weight_bits=8, act_bits=8)})
@@ -448,8 +479,9 @@ def measure(
     unknown = sorted(set(quant) - set(names))
     if unknown:
         raise PrunqError(f"quant: {unknown} are not measured layers (measured: {names})")
+    batch = batch_size
     if macs is None:
-        macs = count_macs(model, example_inputs, exclude, batch_size=batch_size)
+        macs, batch = _count_macs(model, example_inputs, exclude, batch_size)
     missing = [n for n in names if n not in macs]
     if missing:
         raise PrunqError(f"macs: no MAC count for layers {missing}")
@@ -460,7 +492,9 @@ def measure(
     costs = []
     for rec in records:
         q = quant.get(rec.name) or record_quant(rec)
-        costs.append(_measure_layer(rec, macs[rec.name], q, stored=rec.stored_id not in seen, dead_inputs=dead.get(rec.name)))
+        costs.append(
+            _measure_layer(rec, macs[rec.name], q, stored=rec.stored_id not in seen, dead_inputs=dead.get(rec.name))
+        )
         seen.add(rec.stored_id)
 
     layer_ids: set[int] = set()
@@ -479,7 +513,19 @@ def measure(
     counted_n = sum(lc.params for lc in counted)
     sparsity = 1.0 - sum(lc.nonzeros for lc in counted) / counted_n if counted_n else 0.0
     total_macs = sum(lc.macs for lc in costs)
-    bops = float(sum(lc.bops for lc in costs))
+    weight_bops = float(sum(lc.bops for lc in costs))
+    if act_sites is None:
+        if example_inputs is None:
+            act_sites = []
+        else:
+            if batch is None:
+                batch = example_batch_size(example_inputs)
+            act_sites = count_activation_products(model, example_inputs, batch_size=batch, dead_channels=dead_channels)
+    act_sites = list(act_sites)
+    act_bops = float(sum(s.bops for s in act_sites))
+    act_macs = sum(s.macs for s in act_sites)
+    dense_act_macs = sum(s.dense_macs for s in act_sites)
+    bops = weight_bops + act_bops
     shared_bias = sum(lc.bias_bits for lc in costs if not lc.stored)
     by_enc = {e: sum(lc.memory_bits_as(e) for lc in stored) + shared_bias + other_bits for e in ENCODINGS}
     memory_bits = sum(lc.memory_bits for lc in costs) + other_bits
@@ -489,9 +535,9 @@ def measure(
         fp32_bops, fp32_mem = reference.dense_fp32_bops, reference.dense_fp32_memory_bits
         int8_bops, int8_mem = reference.dense_int8_bops, reference.dense_int8_memory_bits
     else:
-        fp32_bops = total_macs * FLOAT_BITS * FLOAT_BITS
+        fp32_bops = (total_macs + dense_act_macs) * FLOAT_BITS * FLOAT_BITS
         fp32_mem = FLOAT_BITS * params
-        int8_bops = total_macs * _INT8 * _INT8
+        int8_bops = (total_macs + dense_act_macs) * _INT8 * _INT8
         int8_mem = _INT8 * prunable + FLOAT_BITS * (params - prunable)
 
     return ModelCost(
@@ -502,6 +548,10 @@ def measure(
         sparsity=sparsity,
         macs=total_macs,
         bops=bops,
+        weight_bops=weight_bops,
+        act_bops=act_bops,
+        act_macs=act_macs,
+        act_sites=act_sites,
         memory_bits=memory_bits,
         memory_bits_by_encoding=by_enc,
         other_params=other_params,

@@ -226,8 +226,8 @@ def stage_cost(model: nn.Module, task: Task, reference: C.ModelCost | None) -> C
 def pruned_figures(cost: C.ModelCost | dict[str, Any]) -> dict[str, Any]:
     """What ``metrics["pruned"]`` takes from the cost model of the pruned model (kept in checkpoints)."""
     if isinstance(cost, dict):
-        return {"bops": cost["bops"], "memory_bits": cost["memory_bits"]}
-    return {"bops": cost.bops, "memory_bits": cost.memory_bits}
+        return {k: cost[k] for k in ("bops", "memory_bits", "weight_bops", "act_bops") if k in cost}
+    return {"bops": cost.bops, "memory_bits": cost.memory_bits, "weight_bops": cost.weight_bops, "act_bops": cost.act_bops}
 
 
 def _most_common(values: list[int]) -> int:
@@ -272,11 +272,16 @@ def build_metrics(
         "dense": {
             **dense.extra, "metric": dense.metric, "params": dense_cost.params, "macs": dense_cost.macs,
             "bops": dense_cost.dense_fp32_bops, "memory_bits": dense_cost.dense_fp32_memory_bits,
+            # BOPs = weight x activation products of the compressed layers + activation x activation
+            # products (correlation volumes, attention, soft-argmin), both at fp32 here
+            "weight_bops": float(dense_cost.macs * 32 * 32),
+            "act_bops": dense_cost.dense_fp32_bops - float(dense_cost.macs * 32 * 32),
         },
         "pruned": pruned_section,
         "compressed": {
             **last.extra, "metric": last.metric, "sparsity": final_cost.sparsity,
             "weight_bits": wb, "act_bits": ab, "bops": final_cost.bops, "memory_bits": final_cost.memory_bits,
+            "weight_bops": final_cost.weight_bops, "act_bops": final_cost.act_bops,
         },
         "stages": [
             {"name": s.name, "kind": s.kind, "metric": s.metric,
@@ -290,6 +295,8 @@ def build_metrics(
         "memory_bits_by_encoding": fc.get("memory_bits_by_encoding", {}),
         "entropy_bound_bits": sum(lc.entropy_bits for lc in final_cost.layers),
         "layers": layers,
+        # activation x activation products, per site (name, op, bits, MACs, BOPs) of the compressed model
+        "act_sites": fc.get("act_sites", []),
         "history": history,
     }  # fmt: skip
 

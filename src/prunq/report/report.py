@@ -295,6 +295,30 @@ def _files(metrics: Mapping[str, Any]) -> str | None:
     return "\n".join(lines)
 
 
+def _act_products(metrics: Mapping[str, Any]) -> str | None:
+    """BOPs split into weight and activation products, and the activation-product sites (correlation
+    volumes, attention, soft-argmin) of the compressed model."""
+    c = _section(metrics, "compressed")
+    wb, ab = finite(c.get("weight_bops")), finite(c.get("act_bops"))
+    sites = [s for s in _list(metrics.get("act_sites")) if isinstance(s, Mapping)]
+    if wb is None or ab is None or (ab == 0 and not sites):
+        return None
+    total = wb + ab
+    lines = ["## Bit-operations: weights and activations", "",
+             f"Compressed BOPs {total:.3g} = weight × activation {wb:.3g} + activation × activation {ab:.3g} "
+             f"({100 * ab / total:.1f} %)." if total else "No bit-operations."]  # fmt: skip
+    rows = []
+    for s in sites[:30]:
+        bits = s.get("bits")
+        bits_txt = "×".join(str(b) for b in bits) if isinstance(bits, (list, tuple)) else _DASH
+        macs, bops = finite(s.get("macs")), finite(s.get("bops"))
+        rows.append([f"`{str(s.get('name'))[:80]}`", str(s.get("kind", _DASH))[:20], bits_txt,
+                     _int(macs) if macs is not None else _DASH, f"{bops:.3g}" if bops is not None else _DASH])  # fmt: skip
+    if rows:
+        lines += ["", _table(["site", "kind", "bits", "MACs / example", "BOPs"], rows, "lllrr")]
+    return "\n".join(lines)
+
+
 def _headline(metrics: Mapping[str, Any]) -> str:
     name = str(metrics.get("metric_name", "metric"))
     d, p, c = (_section(metrics, k) for k in ("dense", "pruned", "compressed"))
@@ -533,9 +557,9 @@ def render_report(run_dir: str | os.PathLike[str]) -> Path:
 
     parts = [f"# prunq report: {metrics.get('task')}", "", f"**{summary_line(metrics)}**", "",
              " · ".join(meta), "", "## Headline", "", _headline(metrics), ""]
-    files = _files(metrics)
-    if files:
-        parts += [files, ""]
+    for block in (_files(metrics), _act_products(metrics)):
+        if block:
+            parts += [block, ""]
     parts += ["## Layers", "", _layers_table(metrics["layers"]), "",
               "![Per-layer density and bit-widths](plots/layers.png)", ""]
     encodings = _encodings(metrics)
