@@ -16,6 +16,7 @@ ALLOWED = {
     "quant": ("prunq.core", "prunq.prune", "prunq.quant"),
     "cost": ("prunq.core", "prunq.prune", "prunq.quant", "prunq.cost"),
     "export": ("prunq.core", "prunq.prune", "prunq.quant", "prunq.cost", "prunq.export"),
+    "runtime": ("prunq.core", "prunq.prune", "prunq.quant", "prunq.cost", "prunq.runtime"),
     "methods": ("prunq.core", "prunq.prune", "prunq.quant", "prunq.cost", "prunq.methods", "prunq"),
 }
 

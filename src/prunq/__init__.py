@@ -22,6 +22,7 @@ _EXPORTS = {
     "train_dense": "prunq.pipeline.run",
     "load": "prunq.pipeline.io",
     "export": "prunq.pipeline.export",
+    "sparsify": "prunq.runtime.sparse",
     "save": "prunq.pipeline.io",
     "run_methods": "prunq.pipeline.run",
     "MethodConfig": "prunq.core.config",
