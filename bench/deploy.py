@@ -48,7 +48,7 @@ import prunq  # noqa: E402
 from prunq.export.onnx_qdq import to_onnx_fp32, to_onnx_qdq  # noqa: E402
 from prunq.export.qonnx import to_qonnx  # noqa: E402
 from prunq.pipeline.export import export_bytes  # noqa: E402
-from prunq.pipeline.io import load_state, save_model, tensor_bytes  # noqa: E402
+from prunq.pipeline.io import save_model, tensor_bytes  # noqa: E402
 from prunq.pipeline.recipes import load_recipe  # noqa: E402
 from prunq.pipeline.run import compress  # noqa: E402
 from prunq.pipeline.runs import compress_recipe, dense_model, make_task  # noqa: E402

@@ -375,3 +375,18 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_its_last_checkpoint(tmp_p
     assert "\n" not in line and re.match(r"prunq: error: dense: diverged at step \d+: ", line), line
     assert "last good checkpoint kept in" in line and "run.work" in line
     assert not (tmp_path / "run").exists() and (tmp_path / "run.work").is_dir()
+
+
+def test_export_writes_a_packed_file_and_refuses_what_it_cannot_do(good_run, tmp_path):
+    import prunq
+
+    _, out = good_run
+    target = tmp_path / "m.packed"
+    proc = _cli("export", out, "--out", target)
+    assert proc.returncode == 0 and proc.stdout.startswith(f"wrote {target} (")
+    assert target.read_bytes() == (out / "model.packed").read_bytes()
+    again = _cli("export", out, "--out", target)
+    assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr
+    bad = _cli("export", out, "--out", tmp_path / "x", "--format", "tflite")
+    assert bad.returncode == 2 and "unknown format 'tflite'" in bad.stderr and not (tmp_path / "x").exists()
+    assert prunq.load(target).state_dict().keys() == prunq.load(out, convert=True).state_dict().keys()

@@ -221,6 +221,18 @@ def initializer(graph: Any, name: str) -> Any | None:
     return None
 
 
+def weight_on_grid(graph: Any, node: Any, layer: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(integer weights, broadcast-shaped steps)`` of a weight marker's constant input: a weight that is
+    not a constant of the traced graph, or is off its grid, is a one-line error."""
+    onnx = _onnx()
+    init = initializer(graph, node.input[0])
+    if init is None:
+        raise PrunqError(f"{what}: layer '{layer.name}': its weight is not a constant of the traced graph")
+    w = onnx.numpy_helper.to_array(init).astype(np.float32)
+    scale = layer.weight_scale(what)
+    return weight_ints(layer, w, scale, what), scale
+
+
 def require_weight_quantizers(layers: list, what: str, needs: str) -> None:
     """A compressed layer without a weight quantizer is a one-line error naming it."""
     for layer in layers:

@@ -81,12 +81,7 @@ def _axis_of(scale: np.ndarray, layer: G.Layer) -> int | None:
 def _weight_dq(graph: Any, onnx: Any, n: Any, layer: G.Layer, use: int, int4: bool) -> tuple[np.ndarray, int | None]:
     """Replace weight marker ``n`` by ``DequantizeLinear(int weights)``; returns (1-D steps, axis)."""
     wq = layer.weight_q
-    init = G.initializer(graph, n.input[0])
-    if init is None:
-        raise PrunqError(f"{WHAT}: layer '{layer.name}': its weight is not a constant of the traced graph")
-    w = onnx.numpy_helper.to_array(init).astype(np.float32)
-    scale = layer.weight_scale(WHAT)
-    k = G.weight_ints(layer, w, scale, WHAT)
+    k, scale = G.weight_on_grid(graph, n, layer, WHAT)
     axis = _axis_of(scale, layer)
     out = n.output[0]
     readers = G.consumers(graph, out)

@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from prunq.core.errors import PrunqError
 from prunq.export import _onnx_graph as G
 
 QONNX_DOMAIN = "qonnx.custom_op.general"
@@ -73,12 +72,7 @@ def to_qonnx(model: nn.Module, example_inputs: Any, *, opset: int = 13, cleanup:
     for use, n in enumerate(G.markers(graph, G.WEIGHT_MARK)):
         layer = marked.layers[G.attr(n, "index")]
         wq = layer.weight_q
-        init = G.initializer(graph, n.input[0])
-        if init is None:
-            raise PrunqError(f"{WHAT}: layer '{layer.name}': its weight is not a constant of the traced graph")
-        w = onnx.numpy_helper.to_array(init).astype(np.float32)
-        scale = layer.weight_scale(WHAT)
-        G.weight_ints(layer, w, scale, WHAT)  # on the grid, else a clear error
+        _, scale = G.weight_on_grid(graph, n, layer, WHAT)  # on the grid, else a clear error
         _quant_node(
             graph, onnx, n.input[0], n.output[0], scale, wq.bits, True, wq.narrow, f"{_safe(layer.name)}_w{use}"
         )
