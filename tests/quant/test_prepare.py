@@ -282,3 +282,12 @@ def test_quant_patterns_must_match_a_layer() -> None:
         prepare(Tiny(), QuantConfig(overrides={"nope": {"weight_bits": 8}}))
     with pytest.raises(PrunqError, match="quant.exclude: pattern 'x\\*' matches no layer"):
         prepare(Tiny(), QuantConfig(exclude=("x*",)))
+
+
+@pytest.mark.parametrize("field", ["per_channel", "learn_step", "power_of_two", "fold_bn"])
+@pytest.mark.parametrize("value", ["yes", "true", 1, 0.0])
+def test_flags_take_booleans_only(field, value):
+    """Issue 10: pydantic's lax mode read quant.per_channel: "yes" as true."""
+    with pytest.raises(PrunqError, match=rf"quant: {field}: Input should be a valid boolean"):
+        QuantConfig.parse({field: value}, "quant")
+    assert getattr(QuantConfig.parse({field: False}, "quant"), field) is False

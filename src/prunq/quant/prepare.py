@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, StrictBool  # "yes" or 1 for a flag is an error, not True
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -68,17 +68,17 @@ class QuantConfig(MethodConfig):
     weight_bits: Bits = 4
     act_bits: Bits = 8
     overrides: dict[str, LayerBits] = Field(default_factory=dict)
-    per_channel: bool = True
+    per_channel: StrictBool = True
     weight_init: Literal["max", "mse"] = "mse"
     act_calibration: Literal["max", "percentile", "mse"] = "percentile"
     percentile: Percentile = 99.99
-    learn_step: bool = True
+    learn_step: StrictBool = True
     #: LSQ weight-step gradient scale ``1/sqrt(N * Qp)``: ``N`` = every weight of the channel ("all", the
     #: LSQ paper) or only its non-zero ones ("nonzero", default: at 98 % sparsity "all" is ~7x smaller).
     #: Measured on digits at 98-99.5 % (bench/results/lsq_n.md): tied at w4a8, +0.7 pt at w2a8.
     lsq_grad_n: Literal["all", "nonzero"] = "nonzero"
-    power_of_two: bool = False
-    fold_bn: bool = True
+    power_of_two: StrictBool = False
+    fold_bn: StrictBool = True
     exclude: tuple[str, ...] = ()
     calib_batches: int = Field(8, ge=1)
     finetune: TrainConfig = TrainConfig(steps=300, lr=2e-4)
