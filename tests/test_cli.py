@@ -373,7 +373,7 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_its_last_checkpoint(tmp_p
     assert proc.returncode == 2
     line = proc.stderr.strip()
     assert "\n" not in line and re.match(r"prunq: error: dense: diverged at step \d+: ", line), line
-    assert "last good checkpoint kept in" in line and "run.work" in line
+    assert "last good checkpoint kept for inspection in" in line and "run.work" in line
     assert not (tmp_path / "run").exists() and (tmp_path / "run.work").is_dir()
 
 

@@ -87,8 +87,8 @@ def _run_in(work, body):
 
     try:
         return body()
-    except Diverged as e:
-        raise PrunqError(f"{e} (last good checkpoint kept in {work.path}: {work.describe()})") from None
+    except Diverged as e:  # the checkpoint is for inspection: --resume needs the same recipe (and would diverge again)
+        raise PrunqError(f"{e} (last good checkpoint kept for inspection in {work.path}: {work.describe()})") from None
     except PrunqError:
         work.remove()
         raise

@@ -169,3 +169,18 @@ def test_a_method_without_state_dict_is_restarted_from_its_boundary(tmp_path):
     assert work.step() is None  # no mid-method checkpoint for it
     resumed = compress(_dense(task), task, recipe, quiet=True, work=WorkDir(work.path, 3, resumed=True))
     _same(ref, resumed)
+
+
+def test_the_work_directory_appears_and_goes_whole(tmp_path):
+    """Created beside and renamed into place (never without its marker); removed by a rename first."""
+    from prunq.report.fsutil import atomic_dir
+
+    work = WorkDir.open(tmp_path / "run", "r", command="compress", resume=False, every=5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.work"] and (work.path / "work.json").is_file()
+    work.remove()
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / ".run.work.old-0123abcd").mkdir()  # a kill during an earlier removal
+    (tmp_path / ".run.work.tmp-89abcdef").mkdir()  # a kill during an earlier creation
+    (tmp_path / ".run.work.keep").mkdir()  # not one of prunq's names: left alone
+    atomic_dir(tmp_path / "run").close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".run.work.keep"]

@@ -214,9 +214,9 @@ INVALID = {
     "quant.act_bits": st.sampled_from([0, 1, 9, 33, "8"]),
     "quant.percentile": st.sampled_from([0.0, 100.5, -1.0, float("nan")]),
     "quant.calib_batches": st.sampled_from([0, -1, "x"]),
-    "quant.per_channel": st.sampled_from(["maybe", 2, None]),  # ("yes" is read as true: pydantic lax bools)
-    "methods": st.sampled_from([[{"kind": "zzz"}], [3], "prune", [{"kind": "prune", "sparsity": 2.0}],
-                                [{"kind": "quantize"}, {"kind": "prune"}]]),
+    "quant.per_channel": st.sampled_from(["maybe", "yes", 2, None]),  # flags take booleans only
+    # (a lone method's bad field is named by its kind, e.g. prune.sparsity: covered by the prune.* keys)
+    "methods": st.sampled_from([[{"kind": "zzz"}], [3], "prune", [{"kind": "quantize"}, {"kind": "prune"}]]),
 }
 
 

@@ -81,3 +81,27 @@ def test_a_recipe_without_both_methods_is_refused(tmp_path, off):
     with pytest.raises(PrunqError, match="sweep: the recipe needs a prune and a quantize method"):
         run_sweep(recipe, [0.5], [(4, 8)], tmp_path, quiet=True, render=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_resumed_sweep_replaces_a_point_left_without_its_row_and_repeats_are_one_point(tmp_path):
+    """The review's kill window: a point committed, its row not yet written. Resuming used to fail on the
+    existing point directory (and the failure removed the whole work directory)."""
+    from prunq.pipeline.checkpoint import WorkDir
+    from prunq.pipeline.sweep import collect_points
+
+    recipe = parse_recipe({**RECIPE, "model": {**RECIPE["model"], "kwargs": {"width": 0.25, "dropout": 0.3}}})
+    dense = (build_model("digits", "digits_cnn", width=0.25, dropout=0.3), [])
+    bits = [(8, 8), (4, 8), (8, 8)]
+    ref, _ = run_sweep(recipe, [0.5, 0.7], bits, tmp_path / "ref", quiet=True, dense=dense, render=False)
+    assert [r["run"] for r in ref] == ["runs/s0.5_w8a8", "runs/s0.5_w4a8", "runs/s0.7_w8a8", "runs/s0.7_w4a8"]
+    work = WorkDir.open(tmp_path / "sw", "r", command="sweep", resume=False, every=0)
+    run_sweep(recipe, [0.5, 0.7], bits, None, quiet=True, dense=dense, render=False, work=work)
+    (work.path / "rows" / "s0.5_w4a8.json").unlink()  # killed between the point and its row
+    (work.path / "rows" / "s0.7_w8a8.json").unlink()
+    (work.path / "points" / "s0.7_w8a8").rename(work.path / "gone")  # killed before the point was kept
+    again = WorkDir.open(tmp_path / "sw", "r", command="sweep", resume=True, every=0)
+    rows, _ = run_sweep(recipe, [0.5, 0.7], bits, None, quiet=True, dense=dense, render=False, work=again)
+    untimed = [[{k: v for k, v in r.items() if not k.endswith("_s")} for r in x] for x in (ref, rows)]
+    assert untimed[0] == untimed[1]  # each point seeded by its name: the same numbers, dropout included
+    collect_points(again, rows, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out" / "runs").iterdir()) == sorted(r["run"][5:] for r in rows)

@@ -316,3 +316,12 @@ def test_fit_resumed_from_its_checkpoint_equals_fit_uninterrupted():
     hist = fit(resumed, task, spec, batch_size=16, seed=3, stage="t", quiet=True, log_every=1, resume=saved["state"])
     assert hist == hist_ref[4:]  # the same losses from step 4 on (the data stream sought, the RNG restored)
     assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), ref.state_dict().values()))
+
+
+def test_a_loss_growing_step_by_step_is_caught_against_its_lowest_level():
+    """The review's case: a running average follows a loss growing 1.1x per step and never sees it 100x away."""
+    from prunq.pipeline.training import Diverged
+
+    values = [1.1**t for t in range(80)]
+    with pytest.raises(Diverged, match=r"over 100x its level 1;"):
+        _fit_scripted(_Scripted(values))

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,9 +179,13 @@ class WorkDir:
             work = cls(path, every, resumed=True)
             work._clean_temporaries()
             return work
-        path.mkdir(parents=True)
-        atomic_write_text(path / MARKER, json.dumps(
+        # Built beside and renamed into place: a kill never leaves a work directory without its marker.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        atomic_write_text(tmp / MARKER, json.dumps(
             {"prunq_work": WORK_FORMAT, "command": command, "recipe_sha256": digest}, indent=2))  # fmt: skip
+        os.rename(tmp, path)
         return cls(path, every)
 
     @staticmethod
@@ -200,9 +206,12 @@ class WorkDir:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     def remove(self) -> None:
-        """The run is written: its checkpoints are no longer needed."""
+        """The run is written: its checkpoints are no longer needed. Renamed aside first, so a kill during
+        the deletion leaves a hidden leftover the next run of this --out removes, never a half work dir."""
         if self._marker(self.path) is not None:
-            shutil.rmtree(self.path)
+            gone = self.path.parent / f".{self.path.name}.old-{secrets.token_hex(4)}"
+            os.rename(self.path, gone)
+            shutil.rmtree(gone, ignore_errors=True)
 
     # -- dense ----------------------------------------------------------------------------------------
     def save_dense(self, state: dict[str, torch.Tensor], history: list[dict], seconds: float) -> None:  # noqa: D102
@@ -239,7 +248,7 @@ class WorkDir:
         tensors = {f"m.{k}": v for k, v in model_state.items()}
         state = {
             "position": position, "method": method_state, "history": history, "seconds": seconds,
-            "fit": {"step": fit.step, "running": fit.running, "first_loss": fit.first_loss,
+            "fit": {"step": fit.step, "running": fit.running, "first_loss": fit.first_loss, "low": fit.low,
                     "optimizer": fit.optimizer, "param_names": fit.param_names, "scheduler": fit.scheduler,
                     "rng": fit.rng, "data": list(fit.data)},
         }  # fmt: skip
@@ -254,6 +263,7 @@ class WorkDir:
             return None
         f = state["fit"]
         fit = FitState(step=int(f["step"]), running=float(f["running"]), first_loss=float(f["first_loss"]),
+                       low=float(f.get("low", f["running"])),
                        optimizer=f["optimizer"], param_names=list(f["param_names"]), scheduler=f["scheduler"],
                        rng=dict(f["rng"]), data=tuple(f["data"]))  # fmt: skip
         return StepCheckpoint(int(state["position"]), _prefixed(tensors, "m."), state["method"], fit,

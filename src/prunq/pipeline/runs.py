@@ -62,14 +62,15 @@ def dense_model(
     elif work is None:
         history = train_dense(model, task, recipe, quiet=quiet)
     else:
-        history = _train_dense_with_checkpoints(model, task, recipe, work, quiet, t0)
+        history, spent = _train_dense_with_checkpoints(model, task, recipe, work, quiet, t0)
+        t0 -= spent  # the seconds a killed run spent before count too
     seconds = time.perf_counter() - t0
     if work is not None:
         work.save_dense(model.state_dict(), history, seconds)
     return model, history, seconds
 
 
-def _train_dense_with_checkpoints(model, task, recipe, work: WorkDir, quiet: bool, t0: float) -> list[dict]:
+def _train_dense_with_checkpoints(model, task, recipe, work: WorkDir, quiet: bool, t0: float) -> tuple[list[dict], float]:
     saved = work.step(DENSE_POSITION)
     history: list[dict] = []
     resume, spent = None, 0.0
@@ -81,8 +82,9 @@ def _train_dense_with_checkpoints(model, task, recipe, work: WorkDir, quiet: boo
         snap = (_snapshot(model.state_dict()), state, list(history), spent + time.perf_counter() - t0)
         return lambda: work.save_step(DENSE_POSITION, snap[0], {}, *snap[1:])
 
-    return fit(model, task, recipe.dense, batch_size=recipe.task.batch_size, seed=recipe.seed, stage="dense",
-               quiet=quiet, history=history, checkpoint=checkpoint, checkpoint_every=work.every, resume=resume)  # fmt: skip
+    history = fit(model, task, recipe.dense, batch_size=recipe.task.batch_size, seed=recipe.seed, stage="dense",
+                  quiet=quiet, history=history, checkpoint=checkpoint, checkpoint_every=work.every, resume=resume)  # fmt: skip
+    return history, spent
 
 
 def write_run(directory: Path, recipe: Recipe, result: CompressResult, *, render: bool = True) -> None:

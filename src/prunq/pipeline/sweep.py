@@ -7,12 +7,16 @@ pruned model — both through the one runner, :func:`prunq.pipeline.run.run_meth
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -27,6 +31,7 @@ from prunq.pipeline.run import (
     stage_previews, zoo_spec,
 )  # fmt: skip
 from prunq.pipeline.runs import dense_model, make_task, write_run
+from prunq.pipeline.training import rng_devices
 from prunq.report.fsutil import atomic_dir, atomic_write_text
 from prunq.report.report import flatten
 
@@ -68,6 +73,8 @@ def run_sweep(
     d_previews = stage_previews(task, d_model, "dense")
     rows: list[dict[str, Any]] = []
     split = 1 + max(i for i, m in enumerate(recipe.methods) if build_method(m).prunes)
+    sparsities = list(dict.fromkeys(sparsities))  # a repeated value is one point, not two
+    bits = list(dict.fromkeys(bits))
     points = tqdm(total=len(sparsities) * len(bits), desc="sweep", disable=True if quiet else None)
     for s in sparsities:
         r_s = recipe.with_(**{"prune.sparsity": s})
@@ -79,7 +86,8 @@ def run_sweep(
         kw = dict(seed=r_s.seed, batch_size=r_s.task.batch_size, quiet=quiet, eval_every=r_s.eval_every)
         hist: list[dict] = [{"stage": "dense", "step": 0, "metric": d_metric}]
         pruned_model = copy.deepcopy(d_model)
-        head = run_methods(pruned_model, task, r_s.methods[:split], history=hist, **kw)
+        with _seeded(recipe.seed, point_name(s, 0, 0)):  # the same RNG whichever points ran before
+            head = run_methods(pruned_model, task, r_s.methods[:split], history=hist, **kw)
         p_cost = stage_cost(pruned_model, task, d_cost)
         for wb, ab in bits:
             if done[(wb, ab)] is not None:
@@ -90,7 +98,8 @@ def run_sweep(
             r = r_s.with_(**{"quant.weight_bits": wb, "quant.act_bits": ab})
             h = list(hist)
             model = copy.deepcopy(pruned_model)
-            tail = run_methods(model, task, r.methods[split:], history=h, first_position=split, **kw)
+            with _seeded(recipe.seed, point_name(s, wb, ab)):
+                tail = run_methods(model, task, r.methods[split:], history=h, first_position=split, **kw)
             stages = head + tail
             cost = stage_cost(model, task, d_cost)
             timing = _timing(stages, sum(x.seconds for x in head) + time.perf_counter() - t0)
@@ -136,8 +145,14 @@ def _done_row(work: WorkDir | None, name: str) -> dict[str, Any] | None:
 
 
 def _keep_point(work: WorkDir, name: str, recipe: Recipe, result: CompressResult, row: dict, render: bool) -> None:
-    """Write a finished point into ``work/points/<name>`` (atomically), then its row (the mark of done)."""
-    with atomic_dir(work.path / "points" / name, overwrite=False) as tmp:
+    """Write a finished point into ``work/points/<name>`` (atomically), then its row (the mark of done).
+    A point directory without its row (a kill between the two writes) is prunq's own leftover: replaced."""
+    import shutil
+
+    point = work.path / "points" / name
+    if point.is_dir() and not point.is_symlink() and not (work.path / "rows" / f"{name}.json").exists():
+        shutil.rmtree(point)
+    with atomic_dir(point, overwrite=False) as tmp:
         write_run(tmp, recipe, result, render=render)
     atomic_write_text(work.path / "rows" / f"{name}.json", json.dumps(row))
 
@@ -148,3 +163,12 @@ def collect_points(work: WorkDir, rows: list[dict[str, Any]], out: Path) -> None
     for row in rows:
         name = Path(row["run"]).name
         (work.path / "points" / name).rename(out / "runs" / name)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, name: str) -> Iterator[None]:
+    """The global RNG seeded from the recipe's seed and a point's name for a block, restored after: a point
+    computes the same numbers whether or not the points before it ran (a resumed sweep skips them)."""
+    with torch.random.fork_rng(devices=rng_devices()):
+        torch.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+        yield

@@ -110,6 +110,8 @@ class FitState:
     step: int
     running: float
     first_loss: float
+    #: the lowest running loss of the stage so far (the divergence guard's reference)
+    low: float
     optimizer: dict[str, Any]
     param_names: list[str]
     scheduler: dict[str, Any] | None
@@ -161,16 +163,17 @@ def fit(
 
     ``checkpoint(state)`` is called every ``checkpoint_every`` steps (not after the last) with a
     :class:`FitState` (its own copies); it snapshots what else it keeps and returns a ``write()`` that
-    ``fit`` calls only once the next step's loss has passed the divergence guard — so a checkpoint on disk
-    is always one whose weights gave an acceptable loss. ``resume`` continues from a FitState.
+    ``fit`` calls only once the next step passed the divergence guard (loss, gradient, updated weights) —
+    so a checkpoint on disk is always one whose weights gave an acceptable step. ``resume`` continues from a FitState.
 
     **Divergence guard**: every batch is checked by ``task.check_batch`` (non-finite data is named as
     such, not blamed on the learning rate); the run stops with :class:`Diverged` — one line naming the
     stage and step — when the loss, the gradient norm or the weight norm is not finite, or when the loss
-    exceeds ``DIVERGENCE_FACTOR`` (100) times its reference level: the larger of the running loss (the
-    logged exponential average, 0.9) and the task's ``loss_scale`` (the loss of an uninformed model,
-    e.g. ln(classes); without one, the stage's first loss). A pruning cut's jump stays well below that;
-    a learning rate that blows up crosses it within steps.
+    exceeds ``DIVERGENCE_FACTOR`` (100) times its reference level: the larger of the lowest running loss
+    of the stage so far (the logged exponential average, 0.9) and the task's ``loss_scale`` (the loss of an
+    uninformed model, e.g. ln(classes); without one, the stage's first loss). The lowest level, not the
+    current one, so that a loss growing step by step is caught too; a pruning cut's jump stays well below
+    it; a learning rate that blows up crosses it within steps.
     """
     history = [] if history is None else history
     if spec.steps <= 0:
@@ -195,7 +198,7 @@ def _fit(model, task, spec, batch_size, seed, stage, after_backward, after_step,
     else:
         sched = None
     data = BatchStream(task, batch_size, seed)
-    running, first, start = 0.0, math.nan, 0
+    running, first, low, start = 0.0, math.nan, math.inf, 0
     if resume is not None:
         if list(resume.param_names) != names:
             raise PrunqError(f"{stage}: the checkpoint's parameters do not match the model's; cannot resume")
@@ -203,7 +206,7 @@ def _fit(model, task, spec, batch_size, seed, stage, after_backward, after_step,
         if sched is not None and resume.scheduler is not None:
             sched.load_state_dict(resume.scheduler)
         data.seek(*resume.data)
-        running, first, start = resume.running, resume.first_loss, resume.step
+        running, first, low, start = resume.running, resume.first_loss, resume.low, resume.step
         _set_rng_state(resume.rng)
     scale = getattr(task, "loss_scale", None)
     was_training = model.training
@@ -225,10 +228,7 @@ def _fit(model, task, spec, batch_size, seed, stage, after_backward, after_step,
         value = loss.item()
         if t == 0:
             first = value
-        _guard_loss(stage, t, value, running if t else value, scale if scale is not None else first)
-        if pending is not None:
-            pending()
-            pending = None
+        _guard_loss(stage, t, value, low if t else value, scale if scale is not None else first)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if after_backward is not None:
@@ -241,8 +241,12 @@ def _fit(model, task, spec, batch_size, seed, stage, after_backward, after_step,
             sched.step()
         if not bool(torch.isfinite(get_total_norm(params))):
             raise Diverged(f"{stage}: diverged at step {t}: a weight is not finite after the update; lower the learning rate")
+        if pending is not None:  # the state before this step gave a finite, sane loss and gradient: keep it
+            pending()
+            pending = None
         extra = after_step(t) if after_step is not None else None
         running = 0.9 * running + 0.1 * value if t else value
+        low = min(low, running)
         if t % log_every == 0 or t == spec.steps - 1 or extra:
             entry = {"stage": stage, "step": t, "loss": running}
             entry.update({k: float(v.detach()) for k, v in terms.items()})
@@ -252,7 +256,7 @@ def _fit(model, task, spec, batch_size, seed, stage, after_backward, after_step,
             bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in entry.items() if k != "stage"})
         if checkpoint is not None and checkpoint_every > 0 and (t + 1) % checkpoint_every == 0 and t + 1 < spec.steps:
             pending = checkpoint(FitState(
-                step=t + 1, running=running, first_loss=first, optimizer=copy.deepcopy(opt.state_dict()),
+                step=t + 1, running=running, first_loss=first, low=low, optimizer=copy.deepcopy(opt.state_dict()),
                 param_names=names, scheduler=copy.deepcopy(sched.state_dict()) if sched is not None else None,
                 rng=_rng_state(), data=(data.epoch, data.index),
             ))  # fmt: skip
@@ -260,10 +264,10 @@ def _fit(model, task, spec, batch_size, seed, stage, after_backward, after_step,
     model.train(was_training)
 
 
-def _guard_loss(stage: str, t: int, value: float, running: float, scale: float) -> None:
+def _guard_loss(stage: str, t: int, value: float, low: float, scale: float) -> None:
     if not math.isfinite(value):
         raise Diverged(f"{stage}: diverged at step {t}: the loss is {value}; lower the learning rate")
-    ref = max(running, scale)
+    ref = max(low, scale)
     if math.isfinite(ref) and ref > 0 and value > DIVERGENCE_FACTOR * ref:
         raise Diverged(
             f"{stage}: diverged at step {t}: the loss {value:.4g} is over {DIVERGENCE_FACTOR:g}x its level "

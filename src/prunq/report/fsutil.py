@@ -246,7 +246,7 @@ class atomic_dir:  # noqa: N801 - used like a function: ``with atomic_dir(out, o
     def _remove_stale(self) -> None:
         """Temporaries of an earlier writer of ``final`` that was killed (SIGKILL leaves them): with the
         lock held no other writer of ``final`` is alive. Only prunq's own names are touched."""
-        pattern = re.compile(rf"\.{re.escape(self.final.name)}\.(tmp|old)-[0-9a-f]{{8}}")
+        pattern = re.compile(rf"\.{re.escape(self.final.name)}(\.work)?\.(tmp|old)-[0-9a-f]{{8}}")  # the run's, its work dir's
         parent = self.final.parent
         if not parent.is_dir():
             return
