@@ -390,3 +390,10 @@ def test_export_writes_a_packed_file_and_refuses_what_it_cannot_do(good_run, tmp
     bad = _cli("export", out, "--out", tmp_path / "x", "--format", "tflite")
     assert bad.returncode == 2 and "unknown format 'tflite'" in bad.stderr and not (tmp_path / "x").exists()
     assert prunq.load(target).state_dict().keys() == prunq.load(out, convert=True).state_dict().keys()
+
+
+def test_a_machine_error_is_one_line_not_a_traceback(tmp_path):
+    """Review: an OSError (a full disk, a path that cannot exist) printed a traceback."""
+    proc = _cli("compress", _recipe(tmp_path, TINY), "--out", "/proc/prunq-nope/run", "--quiet")
+    assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0
+    assert proc.stderr.startswith("prunq: error: /proc/prunq-nope") and "Traceback" not in proc.stderr

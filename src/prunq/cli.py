@@ -62,7 +62,7 @@ def _resume_args(p: argparse.ArgumentParser) -> None:
                    help="continue a killed or stopped run from its work directory (OUT.work, kept beside --out)")
     p.add_argument("--checkpoint-every", type=int, default=100, metavar="STEPS",
                    help="fine-tuning steps between checkpoints in the work directory (default 100; 0: stage "
-                        "boundaries only)")  # fmt: skip
+                        "boundaries only; a sweep checkpoints its dense training and keeps finished points)")  # fmt: skip
 
 
 def _work(args, recipe, command: str, extra: str = ""):
@@ -256,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     except PrunqError as e:
         print(f"prunq: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine, not the input: a full disk, a permission (one line, exit 1)
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"prunq: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"prunq: interrupted; {_kept(args)}", file=sys.stderr)
         return 130

@@ -184,3 +184,16 @@ def test_the_work_directory_appears_and_goes_whole(tmp_path):
     (tmp_path / ".run.work.keep").mkdir()  # not one of prunq's names: left alone
     atomic_dir(tmp_path / "run").close()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".run.work.keep"]
+
+
+def test_a_checkpoint_with_missing_or_mistyped_fields_is_one_line(tmp_path):
+    from prunq.pipeline.checkpoint import _write
+
+    work = WorkDir.open(tmp_path / "run", "r", command="compress", resume=False, every=5)
+    _write(work.path / "step.safetensors", {"position": 0, "fit": {"step": "x"}}, {})
+    with pytest.raises(PrunqError, match=r"step\.safetensors: damaged checkpoint \(ValueError"):
+        work.step()
+    _write(work.path / "boundary.safetensors", {"position": 1, "record": {"stages": 3, "history": []}},
+           {"rng.cpu": torch.get_rng_state()})  # fmt: skip
+    with pytest.raises(PrunqError, match=r"boundary\.safetensors: damaged checkpoint \(TypeError: stages is not a list"):
+        work.boundary()

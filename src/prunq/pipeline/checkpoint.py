@@ -118,6 +118,21 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         raise PrunqError(f"{path}: damaged checkpoint ({e}); remove the work directory") from None
 
 
+class _fields:  # noqa: N801 - used like a function: ``with _fields(path):``
+    """A checkpoint whose JSON lacks a field or has one of the wrong type is one line, not a traceback."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if exc_type is not None and issubclass(exc_type, (KeyError, TypeError, ValueError, IndexError)):
+            raise PrunqError(f"{self.path}: damaged checkpoint ({type(exc).__name__}: {exc}); remove the work directory") from None
+        return False
+
+
 def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
@@ -239,7 +254,12 @@ class WorkDir:
         if not (self.path / BOUNDARY).exists():
             return None
         state, tensors = _read(self.path / BOUNDARY)
-        return Boundary(int(state["position"]), _prefixed(tensors, "m."), tensors["rng.cpu"], state["record"])
+        with _fields(self.path / BOUNDARY):
+            record = state["record"]
+            for key in ("stages", "history"):
+                if not isinstance(record[key], list):
+                    raise TypeError(f"{key} is not a list")
+            return Boundary(int(state["position"]), _prefixed(tensors, "m."), tensors["rng.cpu"], record)
 
     # -- inside a fine-tuning -------------------------------------------------------------------------
     def save_step(self, position: int, model_state: dict[str, torch.Tensor], method_state: Any, fit: FitState,
@@ -259,6 +279,11 @@ class WorkDir:
         if not (self.path / STEP).exists():
             return None
         state, tensors = _read(self.path / STEP)
+        with _fields(self.path / STEP):
+            return self._step(state, tensors, position)
+
+    @staticmethod
+    def _step(state: dict[str, Any], tensors: dict[str, torch.Tensor], position: int | None) -> StepCheckpoint | None:
         if position is not None and state["position"] != position:
             return None
         f = state["fit"]
