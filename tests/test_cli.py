@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from prunq.cli import main
+from prunq.core.errors import PrunqError
 
 from tests._tiny import TINY
 
@@ -397,3 +398,25 @@ def test_a_machine_error_is_one_line_not_a_traceback(tmp_path):
     proc = _cli("compress", _recipe(tmp_path, TINY), "--out", "/proc/prunq-nope/run", "--quiet")
     assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0
     assert proc.stderr.startswith("prunq: error: /proc/prunq-nope") and "Traceback" not in proc.stderr
+
+
+def test_resume_refuses_a_changed_dense_checkpoint(good_run, tmp_path):
+    """The work directory's identity covers the bytes of model.checkpoint, not only its path."""
+    import shutil
+
+    _, out = good_run
+    ckpt = tmp_path / "dense.safetensors"
+    shutil.copy(out / "dense.safetensors", ckpt)
+    data = {**TINY, "model": {**TINY["model"], "checkpoint": str(ckpt)}}
+    recipe = _recipe(tmp_path, data)
+    from types import SimpleNamespace
+
+    from prunq.cli import _work
+    from prunq.pipeline.recipes import load_recipe
+
+    args = SimpleNamespace(out=tmp_path / "run", resume=False, checkpoint_every=5)
+    _work(args, load_recipe(recipe), "compress")
+    ckpt.write_bytes(ckpt.read_bytes()[:-1] + b" ")  # the file changed since the run started
+    args = SimpleNamespace(out=tmp_path / "run", resume=True, checkpoint_every=5)
+    with pytest.raises(PrunqError, match=r"of a different recipe \(or dense checkpoint, or prunq version\)"):
+        _work(args, load_recipe(recipe), "compress")

@@ -66,14 +66,25 @@ def _resume_args(p: argparse.ArgumentParser) -> None:
 
 
 def _work(args, recipe, command: str, extra: str = ""):
-    """The run's work directory; a resume must match the resolved recipe (and ``extra``: a sweep's grid)."""
+    """The run's work directory. A resume must match what the run computes from: the resolved recipe,
+    ``extra`` (a sweep's grid), prunq's version and the bytes of the recipe's dense checkpoint."""
+    import hashlib
+
+    from prunq import __version__
     from prunq.pipeline.checkpoint import WorkDir
     from prunq.pipeline.recipes import dump_recipe
 
     if args.checkpoint_every < 0:
         raise PrunqError(f"--checkpoint-every: must be >= 0, got {args.checkpoint_every}")
-    work = WorkDir.open(args.out, dump_recipe(recipe) + extra, command=command, resume=args.resume,
-                        every=args.checkpoint_every)  # fmt: skip
+    identity = f"{dump_recipe(recipe)}{extra}\n# prunq {__version__}\n"
+    ckpt = recipe.model.checkpoint
+    if ckpt and Path(ckpt).is_file():
+        h = hashlib.sha256()
+        with open(ckpt, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        identity += f"# checkpoint sha256 {h.hexdigest()}\n"
+    work = WorkDir.open(args.out, identity, command=command, resume=args.resume, every=args.checkpoint_every)
     args.work = work  # for the interruption message
     if work.resumed:
         print(f"prunq: resuming from {work.path} ({work.describe()})", file=sys.stderr)

@@ -188,8 +188,9 @@ class WorkDir:
                 )
             if marker.get("command") != command or marker.get("recipe_sha256") != digest:
                 raise PrunqError(
-                    f"{path}: holds an unfinished {marker.get('command')} run of a different recipe; --resume "
-                    "needs the same recipe and --set values (or remove that directory to start over)"
+                    f"{path}: holds an unfinished {marker.get('command')} run of a different recipe (or dense "
+                    "checkpoint, or prunq version); --resume needs the same recipe and --set values (or remove "
+                    "that directory to start over)"
                 )
             work = cls(path, every, resumed=True)
             work._clean_temporaries()
