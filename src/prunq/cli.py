@@ -164,7 +164,7 @@ def cmd_compress(args) -> int:
 def cmd_sweep(args) -> int:
     from prunq.report.fsutil import atomic_dir
     from prunq.pipeline.sweep import collect_points, run_sweep
-    from prunq.report.report import render_sweep
+    from prunq.report.sweep import render_sweep
 
     recipe = _recipe(args)
     from prunq.core.config import check_sparsity

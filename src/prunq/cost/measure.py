@@ -15,7 +15,7 @@ Per compressed layer ``l`` (``N_l`` weights, ``nz_l`` non-zeros, ``rho_l = nz_l 
 
 Multiplies no compressed layer owns -- correlation volumes, attention ``Q K^T`` / ``A V``, soft-argmin's
 weighted sum -- are the *activation BOPs*: ``act_bops = sum_site MAC_site * b_a * b_a'`` over the
-:class:`~prunq.cost.macs.ActSite` records of :func:`~prunq.cost.macs.count_activation_products` (its
+:class:`~prunq.cost.products.ActSite` records of :func:`~prunq.cost.products.count_activation_products` (its
 docstring has the rules: what is an activation, the bits, constants, dead channels). ``bops = weight_bops +
 act_bops``. The dense references count both: ``dense_fp32_bops = (sum_l MAC_l + sum_site dense MAC_site) *
 32 * 32`` (int8: ``* 8 * 8``), so ``bops_ratio`` stays "compressed vs dense fp32" with every multiply in
@@ -66,7 +66,8 @@ from prunq.cost.encodings import (
     index_bits,
     relative_bits,
 )
-from prunq.cost.macs import ActSite, _count_macs, count_activation_products, count_macs, example_batch_size
+from prunq.cost.macs import _count_macs, count_macs, example_batch_size
+from prunq.cost.products import ActSite, count_activation_products
 
 __all__ = [
     "ENCODINGS",

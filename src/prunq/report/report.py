@@ -1,8 +1,8 @@
 """Markdown reports of a run directory and of a sweep (METHOD.md §4 measures, §5 run outputs).
 
 ``render_report(DIR)`` reads ``DIR/metrics.json`` (and ``DIR/recipe.yaml``) and writes ``DIR/report.md``
-with ``DIR/plots/layers.png`` and ``DIR/plots/stages.png``; ``render_sweep`` writes the table, CSV and
-Pareto plots of many runs. Everything is written atomically, and links are relative, so a report
+with ``DIR/plots/layers.png`` and ``DIR/plots/stages.png`` (a sweep's table, CSV and Pareto plots are
+:mod:`prunq.report.sweep`'s; the Markdown cells are :mod:`prunq.report.markdown`'s). Everything is written atomically, and links are relative, so a report
 rendered inside :class:`prunq.report.fsutil.atomic_dir`'s temporary directory stays valid after the rename.
 
 This module imports neither torch nor matplotlib at import time, so ``prunq report`` starts fast.
@@ -10,8 +10,6 @@ This module imports neither torch nor matplotlib at import time, so ``prunq repo
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import re
@@ -23,18 +21,19 @@ import yaml
 
 from prunq.core.errors import PrunqError
 from prunq.report.fsutil import atomic_write_text, inside_run
+from prunq.report.markdown import (
+    _DASH, _bit_cell, _bits, _duration, _int, _kib, _list, _pct3, _ratio, _sci, _section, _sparsity, _table,
+)  # fmt: skip
 from prunq.report.plots import (
     finite,
     format_metric,
     is_percent_metric,
     metric_label,
-    pareto_front,
     plot_layers,
-    plot_pareto,
     plot_stages,
 )
 
-__all__ = ["REQUIRED_KEYS", "load_metrics", "render_report", "render_sweep", "summary_line"]
+__all__ = ["REQUIRED_KEYS", "load_metrics", "render_report", "summary_line"]
 
 #: The keys METHOD.md §5 guarantees in ``metrics.json``; ``"layers[]"`` lists those of each layer.
 REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
@@ -46,121 +45,7 @@ REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
     "layers[]": ("name", "params", "nonzeros", "macs", "weight_bits", "act_bits"),
 }
 
-#: Column order of ``sweep.csv`` (extra keys found in the rows follow, then the Pareto flags).
-SWEEP_COLUMNS = ("run", "sparsity", "weight_bits", "act_bits", "metric", "bops", "memory_bits",
-                 "bops_ratio", "memory_ratio")
 
-_DASH = "—"
-
-
-# --------------------------------------------------------------------------------------------------
-# number formatting
-# --------------------------------------------------------------------------------------------------
-
-
-def _int(v: Any) -> str:
-    """Thousands separators: ``12345 -> '12,345'``."""
-    f = finite(v)
-    return _DASH if f is None else f"{round(f):,}"
-
-
-def _sci(v: Any) -> str:
-    """Scientific with 3 significant digits, compact exponent: ``1234567 -> '1.23e6'``."""
-    f = finite(v)
-    if f is None:
-        return _DASH
-    if f == 0:
-        return "0"
-    mantissa, exponent = f"{f:.2e}".split("e")
-    return f"{mantissa}e{int(exponent)}"
-
-
-def _ratio(v: Any) -> str:
-    """3 significant digits: ``0.01234 -> '0.0123'``, ``0.0006 -> '0.0006'``."""
-    f = finite(v)
-    return _DASH if f is None else f"{f:.3g}"
-
-
-def _kib(bits: Any) -> str:
-    """Bits as KiB, 3 significant digits (whole KiB with separators from 1,000 up)."""
-    f = finite(bits)
-    if f is None:
-        return _DASH
-    kib = f / 8192.0
-    return f"{kib:,.0f}" if abs(kib) >= 1000 else f"{kib:.3g}"
-
-
-def _pct3(frac: Any) -> str:
-    """A fraction as a percentage with 3 significant digits: ``0.00213 -> '0.213 %'``."""
-    f = finite(frac)
-    return _DASH if f is None else f"{100.0 * f:.3g} %"
-
-
-def _sparsity(frac: Any) -> str:
-    """Sparsity with one decimal, more when one would round an extreme sparsity up to 100 %.
-
-    >>> _sparsity(0.98), _sparsity(0.9996), _sparsity(1.0), _sparsity(0.0)
-    ('98.0 %', '99.96 %', '100.0 %', '0.0 %')
-    """
-    f = finite(frac)
-    if f is None:
-        return _DASH
-    digits = 1
-    while f < 1.0 and round(100.0 * f, digits) >= 100.0 and digits < 6:
-        digits += 1
-    return f"{100.0 * f:.{digits}f} %"
-
-
-def _bits(section: Mapping[str, Any]) -> str:
-    """``w4a8``; an absent (unquantized) side counts as 32 bits, an unusable one (``"4"``) is a dash."""
-    wb, ab = section.get("weight_bits"), section.get("act_bits")
-    return f"w{32 if wb is None else _bit_cell(wb)}a{32 if ab is None else _bit_cell(ab)}"
-
-
-def _bit_cell(v: Any) -> str:
-    """One bit-width: an integer, or a dash when absent or not a usable number."""
-    f = finite(v)
-    return _DASH if f is None or f != int(f) else str(int(f))
-
-
-def _duration(seconds: Any) -> str:
-    f = finite(seconds)
-    if f is None:
-        return _DASH
-    if f < 60:
-        return f"{f:.1f} s"
-    if f < 3600:
-        m, s = divmod(round(f), 60)
-        return f"{m} min {s:02d} s"
-    h, rem = divmod(round(f), 3600)
-    return f"{h} h {rem // 60:02d} min"
-
-
-def _cell(v: Any) -> str:
-    if v is None:
-        return _DASH
-    return str(v).replace("\n", " ").replace("|", "\\|")
-
-
-_ALIGN = {"l": ":---", "r": "---:", "c": ":---:"}
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str) -> str:
-    """A GitHub-flavoured Markdown table; ``align[i]`` is ``l``, ``r`` (numbers) or ``c`` for column ``i``."""
-    assert len(align) == len(headers), (align, headers)
-    lines = ["| " + " | ".join(_cell(h) for h in headers) + " |",
-             "|" + "|".join(_ALIGN[a] for a in align) + "|"]
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _section(metrics: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-    v = metrics.get(key)
-    return v if isinstance(v, Mapping) else {}
-
-
-def _list(v: Any) -> list:
-    return v if isinstance(v, list) else []
 
 
 # --------------------------------------------------------------------------------------------------
@@ -582,81 +467,3 @@ def render_report(run_dir: str | os.PathLike[str]) -> Path:
 # --------------------------------------------------------------------------------------------------
 # sweeps
 # --------------------------------------------------------------------------------------------------
-
-
-def _bops_sort_key(item: tuple[int, Mapping[str, Any]]) -> tuple[int, float, int]:
-    i, row = item
-    b = finite(row.get("bops"))
-    return (0, b, i) if b is not None else (1, 0.0, i)
-
-
-def render_sweep(
-    out_dir: str | os.PathLike[str],
-    rows: Sequence[Mapping[str, Any]],
-    metric_name: str,
-    higher_is_better: bool,
-    dense: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write ``sweep.csv``, ``sweep.md``, ``pareto_bops.png`` and ``pareto_memory.png`` into ``out_dir``.
-
-    ``rows`` hold ``sparsity, weight_bits, act_bits, metric, bops, memory_bits, bops_ratio,
-    memory_ratio, run`` (the run's sub-directory; linked when it has a ``report.md``). Both outputs list
-    the runs by ascending BOPs; ★ marks the Pareto-optimal runs for the metric vs BOPs (and, in a second
-    column, vs memory). ``dense`` (``metric, bops, memory_bits``) is drawn as the "dense fp32" reference
-    point. Returns the path of ``sweep.md``.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = list(rows)
-    front_bops = set(pareto_front(rows, "bops", "metric", higher_is_better))
-    front_mem = set(pareto_front(rows, "memory_bits", "metric", higher_is_better))
-    order = [i for i, _ in sorted(enumerate(rows), key=_bops_sort_key)]
-
-    # CSV: raw values, full precision, same order as the table.
-    columns = list(SWEEP_COLUMNS)
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow([*columns, "pareto_bops", "pareto_memory"])
-    for i in order:
-        row = rows[i]
-        writer.writerow([("" if row.get(k) is None else row.get(k)) for k in columns]
-                        + [int(i in front_bops), int(i in front_mem)])
-    atomic_write_text(out_dir / "sweep.csv", buf.getvalue())
-
-    refs = []
-    if dense is not None:
-        refs.append({"label": "dense fp32", "metric": dense.get("metric"), "bops": dense.get("bops"),
-                     "memory_bits": dense.get("memory_bits")})
-    plot_pareto(rows, "bops", "metric", out_dir / "pareto_bops.png", metric_name, higher_is_better,
-                references=refs)
-    plot_pareto(rows, "memory_bits", "metric", out_dir / "pareto_memory.png", metric_name,
-                higher_is_better, references=refs)
-
-    label = metric_label(metric_name)
-    table_rows = []
-    for i in order:
-        row = rows[i]
-        run = row.get("run")
-        run_cell = _DASH if run is None else f"`{run}`"
-        if run is not None and (out_dir / str(run) / "report.md").is_file():
-            run_cell = f"[{run}]({run}/report.md)"
-        table_rows.append([
-            run_cell, _sparsity(row.get("sparsity")), _bits(row), format_metric(row.get("metric"), metric_name),
-            _sci(row.get("bops")), _ratio(row.get("bops_ratio")), _kib(row.get("memory_bits")),
-            _ratio(row.get("memory_ratio")), "★" if i in front_bops else "", "★" if i in front_mem else "",
-        ])
-    headers = ["run", "sparsity", "bits", label, "BOPs", "BOPs × fp32", "memory (KiB)", "memory × fp32",
-               "Pareto (BOPs)", "Pareto (memory)"]
-    better = "higher" if higher_is_better else "lower"
-    parts = [f"# Sweep: {label} vs cost", "",
-             f"{len(rows)} runs, sorted by BOPs. ★ in *Pareto (BOPs)* marks the runs no other run beats: "
-             f"none has fewer-or-equal BOPs and a {better}-or-equal {label} with one of them strictly "
-             f"better. *Pareto (memory)* does the same with memory.", ""]
-    if dense is not None:
-        parts += [f"Dense fp32 reference: {label} {format_metric(dense.get('metric'), metric_name)}, "
-                  f"{_sci(dense.get('bops'))} BOPs, {_kib(dense.get('memory_bits'))} KiB.", ""]
-    parts += [_table(headers, table_rows, "lrlrrrrrcc"),
-              "", f"![{label} vs BOPs](pareto_bops.png)", "", f"![{label} vs memory](pareto_memory.png)", ""]
-    return atomic_write_text(out_dir / "sweep.md", "\n".join(parts))
