@@ -133,6 +133,11 @@ class _fields:  # noqa: N801 - used like a function: ``with _fields(path):``
         return False
 
 
+def snapshot(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies of a state dict's tensors: what a checkpoint keeps while training goes on."""
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
 def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
@@ -307,4 +312,4 @@ class WorkDir:
         return "dense model done" if (self.path / DENSE).exists() else "nothing yet"
 
 
-__all__ = ["WorkDir", "work_dir_for", "pack", "unpack", "StepCheckpoint", "Boundary", "DENSE_POSITION"]
+__all__ = ["WorkDir", "snapshot", "work_dir_for", "pack", "unpack", "StepCheckpoint", "Boundary", "DENSE_POSITION"]

@@ -60,6 +60,15 @@ def run_example_inputs(run_dir: str | Path) -> tuple:
     return tuple(make_task(load_recipe(inside_run(Path(run_dir), "recipe.yaml"))).example_inputs())
 
 
+def _example_inputs(source: Any, example_inputs: tuple | None, format: str) -> tuple:  # noqa: A002
+    """The inputs that fix a graph's shapes: given, or (for a run directory) its task's."""
+    if example_inputs is not None:
+        return tuple(example_inputs)
+    if not isinstance(source, (str, Path)):
+        raise PrunqError(f"export: --format {format} needs example_inputs (the graph's input shapes)")
+    return run_example_inputs(source)
+
+
 def _onnx(model: nn.Module, example_inputs: tuple, format: str) -> bytes:  # noqa: A002
     try:
         if format == "qonnx":
@@ -86,11 +95,7 @@ def export_bytes(source: Any, format: str = "packed", example_inputs: tuple | No
     model, manifest = _model_and_manifest(source)
     if format == "packed":
         return P.pack(model, manifest)
-    if example_inputs is None:
-        if not isinstance(source, (str, Path)):
-            raise PrunqError(f"export: --format {format} needs example_inputs (the graph's input shapes)")
-        example_inputs = run_example_inputs(source)
-    return _onnx(model, tuple(example_inputs), format)
+    return _onnx(model, _example_inputs(source, example_inputs, format), format)
 
 
 def export(source: Any, out: str | Path, format: str = "packed", example_inputs: tuple | None = None) -> Path:  # noqa: A002
@@ -111,10 +116,7 @@ def export_hls(source: Any, out: str | Path, example_inputs: tuple | None = None
     from prunq.report.fsutil import atomic_dir
 
     model, _ = _model_and_manifest(source)
-    if example_inputs is None:
-        if not isinstance(source, (str, Path)):
-            raise PrunqError("export: --format hls4ml needs example_inputs (the graph's input shapes)")
-        example_inputs = run_example_inputs(source)
+    example_inputs = _example_inputs(source, example_inputs, "hls4ml")
     try:
         from prunq.export.hls import to_hls
     except ImportError as e:  # pragma: no cover - the module imports hls4ml lazily

@@ -24,7 +24,7 @@ from prunq.core.manifest import FORMAT, replay
 from prunq.core.method import RunContext, Transform, build_method
 from prunq.cost import measure as C
 from prunq.methods.quantize import calibration_batches
-from prunq.pipeline.checkpoint import WorkDir
+from prunq.pipeline.checkpoint import WorkDir, snapshot
 from prunq.pipeline.recipes import Recipe, load_recipe, parse_recipe
 from prunq.pipeline.training import fit
 from prunq.tasks.base import Task
@@ -165,7 +165,7 @@ def run_methods(
                 resume, spent = saved.fit, saved.seconds
 
             def checkpoint(state, i=i, method=method, t0=t0, spent=spent):
-                snap = ({k: v.detach().clone() for k, v in model.state_dict().items()},
+                snap = (snapshot(model.state_dict()),
                         copy.deepcopy(method.state_dict()), state, list(history), spent + time.perf_counter() - t0)
                 return lambda: work.save_step(i, *snap)
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from prunq.core.errors import PrunqError
 from prunq.pipeline.io import DENSE_FILE, PREVIEWS_FILE, TIMING_FILE, load_state, save_model, save_tensors
-from prunq.pipeline.checkpoint import DENSE_POSITION, WorkDir
+from prunq.pipeline.checkpoint import DENSE_POSITION, WorkDir, snapshot
 from prunq.pipeline.export import PACKED_FILE
 from prunq.pipeline.training import FitState, fit, rng_devices
 from prunq.pipeline.run import CompressResult, check_task, compress, load_model_state, train_dense, zoo_spec
@@ -79,7 +79,7 @@ def _train_dense_with_checkpoints(model, task, recipe, work: WorkDir, quiet: boo
         history, resume, spent = saved.history, saved.fit, saved.seconds
 
     def checkpoint(state: FitState):
-        snap = (_snapshot(model.state_dict()), state, list(history), spent + time.perf_counter() - t0)
+        snap = (snapshot(model.state_dict()), state, list(history), spent + time.perf_counter() - t0)
         return lambda: work.save_step(DENSE_POSITION, snap[0], {}, *snap[1:])
 
     history = fit(model, task, recipe.dense, batch_size=recipe.task.batch_size, seed=recipe.seed, stage="dense",
@@ -109,17 +109,13 @@ def write_run(directory: Path, recipe: Recipe, result: CompressResult, *, render
         render_report(directory)
 
 
-def _snapshot(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in state.items()}
-
-
 def compress_recipe(recipe: Recipe, *, quiet: bool = False, work: WorkDir | None = None) -> CompressResult:
     """Everything ``prunq compress`` does before writing: task, dense model, the methods. ``work`` keeps
     checkpoints and continues from the last one (:mod:`prunq.pipeline.checkpoint`)."""
     task = make_task(recipe)
     check_task(task, recipe)  # before the dense training, not after it
     model, dense_hist, dense_s = dense_model(recipe, task, quiet=quiet, work=work)
-    trained = None if recipe.model.checkpoint else {k: v.detach().clone() for k, v in model.state_dict().items()}
+    trained = None if recipe.model.checkpoint else snapshot(model.state_dict())
     result = compress(model, task, recipe, quiet=quiet, model_spec=zoo_spec(recipe, task), inplace=True, work=work)
     if dense_hist:  # the dense metric is measured after training: plot it there
         result.metrics["history"][0]["step"] = recipe.dense.steps
