@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                         "hls4ml (a C++ project directory; needs quant.power_of_two: true)")  # fmt: skip
     x.add_argument("--out", type=Path, required=True, help="file to write")
     x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    x.add_argument("--remove-channels", action="store_true",
+                   help="export the smaller model: channels pruning emptied are removed (outputs unchanged)")
     return p
 
 
@@ -232,7 +234,7 @@ def cmd_export(args) -> int:
     from prunq.pipeline.export import export, export_hls
 
     if args.format == "hls4ml":
-        path = export_hls(args.run, args.out, overwrite=args.overwrite)
+        path = export_hls(args.run, args.out, overwrite=args.overwrite, remove_channels=args.remove_channels)
         totals = json.loads((path / "prunq_hls.json").read_text())["totals"]
         print(f"wrote {path}/ (hls4ml project; {totals['n_zeros']:,} of {totals['n_weights']:,} weights zero, "
               f"multiplier limit {totals['multiplier_limit']:,})")  # fmt: skip
@@ -242,7 +244,7 @@ def cmd_export(args) -> int:
         raise PrunqError(f"--out: {args.out} exists; pass --overwrite to replace it")
     if args.out.is_dir():
         raise PrunqError(f"--out: {args.out} is a directory")
-    path = export(args.run, args.out, args.format)
+    path = export(args.run, args.out, args.format, remove_channels=args.remove_channels)
     print(f"wrote {path} ({path.stat().st_size:,} bytes)")
     return 0
 

@@ -258,6 +258,8 @@ class _Analysis:
         self.modules = dict(gm.named_modules())
         self.env: dict[torch.fx.Node, Any] = {}
         self.collapsed: dict[int, tuple[_Val, frozenset[_Ref]]] = {}
+        self.escapes: set[_Ref] = set()
+        self.channel_modules: dict[str, list[frozenset[_Ref]]] = {}  # BatchNorm target -> per-channel refs
 
     def run(self) -> None:
         for n in self.gm.graph.nodes:
@@ -265,7 +267,28 @@ class _Analysis:
         expand = _Expander(self.g._prods)
         for name, i in self.g._layer_ids.items():
             self.g._sources[name] = [expand.set(s) for s in self.g._prods[i].inputs[0]]
+        self.g._channel_modules = {t: [expand.set(s) for s in chans] for t, chans in self.channel_modules.items()}
+        self.g._escaped = expand.set(frozenset(self.escapes))
         self.g._pairs = self.pairs()
+
+    # -- where channels leave what the graph can slice ------------------------------------------------------
+    def escape(self, v: Any) -> None:
+        """Every channel ``v`` (a value, or a tuple of values) holds is used where removing a channel is
+        not a matter of slicing the layers: an opaque op, the model's output, a channel-mixing op, an index
+        into the channel dim, a module with per-channel state the graph does not know."""
+        if isinstance(v, _Val):
+            self.escapes.update(self.collapse(v))
+        elif isinstance(v, (tuple, list)):
+            for x in v:
+                self.escape(x)
+
+    def escape_args(self, n: torch.fx.Node) -> None:
+        def visit(a: Any) -> Any:
+            if isinstance(a, torch.fx.Node):
+                self.escape(self.env.get(a))
+            return a
+
+        map_aggregate((n.args, dict(n.kwargs)), visit)
 
     # -- producers and values -----------------------------------------------------------------------------
     def new(self, kind: int, name: str, size: int, inputs: list | None = None, alive0: Any = None) -> int:
@@ -300,8 +323,9 @@ class _Analysis:
         if v.cdim is None:
             return v.chans[0]
         hit = self.collapsed.get(id(v))
-        if hit is None:
+        if hit is None:  # collapsing mixes channels: none of them can be removed by slicing
             hit = self.collapsed[id(v)] = (v, _union(v.chans))
+            self.escapes.update(hit[1])
         return hit[1]
 
     def uniform(self, s: frozenset[_Ref]) -> _Val:
@@ -320,7 +344,10 @@ class _Analysis:
         meta = self.meta.get(n)
         if n.op == "placeholder":
             return self.fresh(_INPUT, str(n.target), meta)
-        if n.op in ("get_attr", "output") or not _has_tensor(meta):
+        if n.op == "output":
+            self.escape_args(n)
+            return None
+        if n.op == "get_attr" or not _has_tensor(meta):
             return None
         args, kwargs = n.args, n.kwargs
         if n.op == "call_module":
@@ -329,6 +356,8 @@ class _Analysis:
                 return self.layer(n, mod)
             if isinstance(mod, _BatchNorm):
                 return self.batchnorm(n, mod)
+            if any(t.numel() > 1 for t in (*mod.parameters(), *mod.buffers())):  # per-channel state (PReLU)
+                self.escape_args(n)
             if _is_quantizer(mod) or isinstance(mod, _ZERO_MODULES):
                 kind = "zero"
             elif isinstance(mod, _EVAL_MODULES):
@@ -346,7 +375,10 @@ class _Analysis:
         else:
             handler = getattr(self, f"op_{kind}", None) if kind else None
             out = handler(n, args, kwargs) if handler else None
-        return out if out is not None else self.fresh(_OPAQUE, n.name, meta)
+        if out is None:
+            self.escape_args(n)
+            return self.fresh(_OPAQUE, n.name, meta)
+        return out
 
     # -- layers -----------------------------------------------------------------------------------------
     def layer(self, n: torch.fx.Node, mod: nn.Module) -> _Val | None:
@@ -376,6 +408,9 @@ class _Analysis:
         v, out = self.val(n.args[0] if n.args else None), self.shape(n)
         if v is None or out is None or v.cdim != 1 or len(v.chans) != mod.num_features:
             return None
+        if str(n.target) in self.channel_modules:  # called twice: its channels serve two inputs
+            self.escape(v)
+        self.channel_modules[str(n.target)] = list(v.chans)
         return self.merge(n.name, list(v.chans), _bn_alive0(str(n.target), mod.num_features), 1)
 
     # -- channel-preserving ops -------------------------------------------------------------------------
@@ -498,6 +533,7 @@ class _Analysis:
             return _Val(d, tuple(v.chans[j // k] for j in range(new)))
         if size % new == 0:  # channels grouped into fewer
             m = size // new
+            self.escape(v)
             return _Val(d, tuple(_union(v.chans[j * m : (j + 1) * m]) for j in range(new)))
         return self.uniform(self.collapse(v))
 
@@ -565,6 +601,7 @@ class _Analysis:
         dim = int(dim) % len(s)
         if v.cdim != dim:
             return tuple(v if v.cdim is None or t.shape[v.cdim] == len(v.chans) else None for t in out)
+        self.escape(v)  # fixed split sizes: removing a channel moves the boundaries
         parts, start = [], 0
         for t in out:
             parts.append(_Val(dim, v.chans[start : start + t.shape[dim]]))
@@ -598,7 +635,10 @@ class _Analysis:
             if d_in == v.cdim:
                 if isinstance(i, slice):
                     chans = v.chans[i]
+                    if len(chans) != len(v.chans):  # fixed indices: removing a channel moves them
+                        self.escape(v)
                     return _Val(d_out, chans) if out[d_out] == len(chans) else None
+                self.escape(v)
                 return self.uniform(v.chans[int(i)])
             d_in += 1
             d_out += 0 if isinstance(i, int) else 1

@@ -57,6 +57,8 @@ class ChannelGraph:
         self._ties: list[frozenset[_Ref]] = []
         self._pairs: list[tuple[str, str]] = []
         self._sources: dict[str, list[frozenset[Source]]] = {}
+        self._channel_modules: dict[str, list[frozenset[Source]]] = {}
+        self._escaped: frozenset[Source] = frozenset()
 
     # -- construction -----------------------------------------------------------------------------------
     @classmethod
@@ -110,6 +112,19 @@ class ChannelGraph:
             if pairs:
                 result[consumer] = sorted(pairs)
         return result
+
+    def channel_modules(self) -> dict[str, list[frozenset[Source]]]:
+        """``{batchnorm: [sources of channel k, ...]}``: the per-channel modules between producers and
+        consumers, which removing a producer channel must slice too."""
+        return dict(self._channel_modules)
+
+    def escaped(self) -> frozenset[Source]:
+        """Producer channels used somewhere other than a layer's input channel reached through
+        channel-preserving ops: the model's output, an op the graph does not model, an op that mixes
+        channels (a reduction over them, a view that groups them), a fixed index or split of the channel
+        dim, a module with per-channel state other than BatchNorm. Removing such a channel is not a
+        matter of slicing weights (:mod:`prunq.prune.structured` keeps them)."""
+        return self._escaped
 
     def conv_bn_pairs(self) -> list[tuple[str, str]]:
         """``(conv, bn)`` pairs that may be folded: the conv's output feeds only that BatchNorm, each module

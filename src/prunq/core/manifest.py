@@ -169,6 +169,29 @@ class ConvertEntry(Entry):
         return self.layers
 
 
+Indices = Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1, max_length=1 << 24)]
+
+
+class Kept(_Strict):
+    """The original indices a sliced module keeps: ``out`` / ``in`` channels of a layer, or a
+    BatchNorm's ``channels``."""
+
+    out: Indices | None = None
+    in_: Indices | None = Field(None, alias="in")
+    channels: Indices | None = None
+
+
+class RemoveEntry(Entry):
+    """``remove_channels``: per sliced module the channels it keeps; the layers that gained a bias (a
+    constant input channel folded into it)."""
+
+    modules: Annotated[dict[LayerName, Kept], Field(max_length=MAX_NAMES)]
+    bias: Annotated[list[LayerName], Field(max_length=MAX_NAMES)] = []
+
+    def layer_names(self) -> Iterable[str]:  # noqa: D102
+        return [*self.modules, *self.bias]
+
+
 #: op name -> the schema of its entries. The built-in ops are the file format's and are listed here
 #: (so a manifest is checked before any method module is imported); a plug-in passes ``schema=`` to
 #: :func:`register_transform` (without one, its entries get only the generic checks).
@@ -179,6 +202,7 @@ SCHEMAS: dict[str, type[Entry]] = {
     "quantize": QuantizeEntry,
     "quantize_config": QuantizeConfigEntry,
     "convert": ConvertEntry,
+    "remove_channels": RemoveEntry,
 }
 
 

@@ -54,7 +54,7 @@ TENSOR = "packed"
 LAYER_HEADER_BITS = 72
 #: Transforms of a run the packed file keeps (replayed before the layers are filled); the masks, the
 #: quantizers and the conversion are what the stream itself describes.
-STRUCTURAL = ("decompose_attention", "fold_bn")
+STRUCTURAL = ("decompose_attention", "fold_bn", "remove_channels")
 DESCRIBED = ("mask", "quantize", "quantize_config", "convert")
 
 # header flags

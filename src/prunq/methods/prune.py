@@ -89,3 +89,11 @@ def _replay_mask(model: nn.Module, entry: dict[str, Any]) -> None:
         if not is_compressible(module):
             raise PrunqError(f"layer {name!r} ({type(module).__name__}) is not a prunable layer")
         M.attach_mask(module, soft=False)
+
+
+@register_transform("remove_channels")
+def _replay_remove_channels(model: nn.Module, entry: dict[str, Any]) -> None:
+    """Slice the recorded modules to the channels they keep (the state dict then fills the values)."""
+    from prunq.prune.structured import replay
+
+    replay(model, entry)

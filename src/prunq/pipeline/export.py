@@ -34,21 +34,28 @@ FORMATS = {"packed": ".packed", "qonnx": ".onnx", "onnx": ".onnx", "onnx-int4": 
 PACKED_FILE = "model.packed"
 
 
-def _model_and_manifest(source: Any) -> tuple[nn.Module, dict[str, Any]]:
+def _model_and_manifest(
+    source: Any, remove_channels: bool = False, example_inputs: tuple | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
     """A converted copy of the model and its manifest, from a run directory, a CompressResult, or a
-    ``(model, manifest)`` pair."""
+    ``(model, manifest)`` pair; with ``remove_channels``, the smaller model
+    (:func:`prunq.prune.structured.remove_channels`) and the manifest that records it."""
     from prunq.pipeline.io import load, read_manifest
     from prunq.quant.prepare import convert
 
     if isinstance(source, (str, Path)):
         d = Path(source)
-        return load(d, convert=True), read_manifest(d)
-    if isinstance(source, tuple):
-        model, manifest = source
+        model, manifest = load(d, convert=True), read_manifest(d)
     else:
-        model, manifest = source.model, source.manifest
-    model = convert(copy.deepcopy(model)).eval()
-    return model, json.loads(json.dumps(manifest))
+        model, manifest = source if isinstance(source, tuple) else (source.model, source.manifest)
+        model = convert(copy.deepcopy(model)).eval()
+        manifest = json.loads(json.dumps(manifest))
+    if remove_channels:
+        from prunq.prune.structured import remove_channels as remove
+
+        r = remove(model, _example_inputs(source, example_inputs, "--remove-channels"), manifest)
+        model, manifest = r.model.eval(), r.manifest
+    return model, manifest
 
 
 def run_example_inputs(run_dir: str | Path) -> tuple:
@@ -60,12 +67,12 @@ def run_example_inputs(run_dir: str | Path) -> tuple:
     return tuple(make_task(load_recipe(inside_run(Path(run_dir), "recipe.yaml"))).example_inputs())
 
 
-def _example_inputs(source: Any, example_inputs: tuple | None, format: str) -> tuple:  # noqa: A002
+def _example_inputs(source: Any, example_inputs: tuple | None, what: str) -> tuple:
     """The inputs that fix a graph's shapes: given, or (for a run directory) its task's."""
     if example_inputs is not None:
-        return tuple(example_inputs)
+        return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     if not isinstance(source, (str, Path)):
-        raise PrunqError(f"export: --format {format} needs example_inputs (the graph's input shapes)")
+        raise PrunqError(f"export: {what} needs example_inputs (the input shapes)")
     return run_example_inputs(source)
 
 
@@ -87,36 +94,46 @@ def _onnx(model: nn.Module, example_inputs: tuple, format: str) -> bytes:  # noq
     return proto.SerializeToString()
 
 
-def export_bytes(source: Any, format: str = "packed", example_inputs: tuple | None = None) -> bytes:  # noqa: A002
+def export_bytes(
+    source: Any, format: str = "packed", example_inputs: tuple | None = None, *, remove_channels: bool = False  # noqa: A002
+) -> bytes:
     """The bytes of ``source`` (a run directory, a CompressResult, or ``(model, manifest)``) in ``format``.
-    ``example_inputs`` fix the ONNX graphs' shapes (default for a run directory: its task's)."""
+    ``example_inputs`` fix the ONNX graphs' shapes (default for a run directory: its task's);
+    ``remove_channels`` exports the smaller model without the channels pruning emptied."""
     if format not in FORMATS:
         raise PrunqError(f"--format: unknown format {format!r} (choose from {', '.join(FORMATS)})")
-    model, manifest = _model_and_manifest(source)
+    model, manifest = _model_and_manifest(source, remove_channels, example_inputs)
     if format == "packed":
         return P.pack(model, manifest)
-    return _onnx(model, _example_inputs(source, example_inputs, format), format)
+    return _onnx(model, _example_inputs(source, example_inputs, f"--format {format}"), format)
 
 
-def export(source: Any, out: str | Path, format: str = "packed", example_inputs: tuple | None = None) -> Path:  # noqa: A002
-    """Write ``source`` in ``format`` to ``out`` (atomically). Returns ``out``.
+def export(
+    source: Any, out: str | Path, format: str = "packed", example_inputs: tuple | None = None, *,  # noqa: A002
+    remove_channels: bool = False,
+) -> Path:
+    """Write ``source`` in ``format`` to ``out`` (atomically). Returns ``out``. ``remove_channels``: the
+    smaller model without the channels pruning emptied (recorded in the file, so it loads back).
 
     >>> prunq.export("runs/demo", "demo.packed")           # doctest: +SKIP
     >>> prunq.load("demo.packed")                          # doctest: +SKIP
     >>> prunq.export("runs/demo", "demo.onnx", "onnx")     # doctest: +SKIP  (ONNX Runtime, int8)
     """
-    data = export_bytes(source, format, example_inputs)
+    data = export_bytes(source, format, example_inputs, remove_channels=remove_channels)
     return atomic_write_bytes(Path(out), data)
 
 
-def export_hls(source: Any, out: str | Path, example_inputs: tuple | None = None, *, overwrite: bool = False) -> Path:
+def export_hls(
+    source: Any, out: str | Path, example_inputs: tuple | None = None, *, overwrite: bool = False,
+    remove_channels: bool = False,
+) -> Path:
     """Write the hls4ml project of ``source`` into the directory ``out`` (atomically; not compiled: run
     ``make``/``build_lib.sh`` there, or :func:`prunq.export.hls.to_hls` with ``compile=True``), with
     hls4ml's figures per layer in ``out/prunq_hls.json``."""
     from prunq.report.fsutil import atomic_dir
 
-    model, _ = _model_and_manifest(source)
-    example_inputs = _example_inputs(source, example_inputs, "hls4ml")
+    example_inputs = _example_inputs(source, example_inputs, "--format hls4ml")
+    model, _ = _model_and_manifest(source, remove_channels, example_inputs)
     try:
         from prunq.export.hls import to_hls
     except ImportError as e:  # pragma: no cover - the module imports hls4ml lazily
