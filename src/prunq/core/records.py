@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -138,3 +139,14 @@ def recorded_layers(model: nn.Module, exclude: Iterable[str] = ()) -> list[tuple
 def layer_records(model: nn.Module, exclude: Iterable[str] = ()) -> list[LayerRecord]:
     """The records of every recorded layer of ``model`` (see :func:`layer_record`)."""
     return [layer_record(n, m) for n, m in recorded_layers(model, exclude)]
+
+
+def converted_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The ``weight_step`` / ``weight_bits`` buffers :func:`convert` left: ``{name: {"bits", "steps"}}``
+    (what the manifest's ``convert`` transform records so that ``prunq.load`` registers the buffers)."""
+    out = {}
+    for name, module in model.named_modules():
+        step = getattr(module, CONVERTED_STEP, None)
+        if is_compressible(module) and isinstance(step, torch.Tensor):
+            out[name] = {"bits": int(getattr(module, CONVERTED_BITS)), "steps": int(step.numel())}
+    return out

@@ -440,7 +440,7 @@ def remove_channels(
         )
     small.train(was)
     if manifest is not None:
-        from prunq.quant.prepare import converted_layers
+        from prunq.core.records import converted_layers
 
         m = json.loads(json.dumps(manifest))
         converted = converted_layers(model)

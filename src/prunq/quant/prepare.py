@@ -27,7 +27,7 @@ from prunq.core import parametrize as P
 from prunq.core.config import Bits, Config, MethodConfig, Percentile, TrainConfig
 from prunq.core.errors import PrunqError
 from prunq.core.layers import check_patterns, compressible_layers, is_compressible
-from prunq.core.records import CONVERTED_BITS, CONVERTED_STEP, INPUT_QUANTIZER, PRUNED_FLAG
+from prunq.core.records import CONVERTED_BITS, CONVERTED_STEP, INPUT_QUANTIZER, PRUNED_FLAG, converted_layers  # noqa: F401  (re-exported)
 from prunq.core.sharing import shared_weight_users, stored_weight
 from prunq.prune.masks import get_mask, original
 from prunq.quant.act import ActQuantizer
@@ -344,14 +344,3 @@ def convert(model: nn.Module) -> nn.Module:
             with torch.no_grad():
                 module.step.copy_(module.effective_step())
     return model
-
-
-def converted_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """The ``weight_step`` / ``weight_bits`` buffers :func:`convert` left: ``{name: {"bits", "steps"}}``
-    (what the manifest's ``convert`` transform records so that ``prunq.load`` registers the buffers)."""
-    out = {}
-    for name, module in model.named_modules():
-        step = getattr(module, CONVERTED_STEP, None)
-        if is_compressible(module) and isinstance(step, torch.Tensor):
-            out[name] = {"bits": int(getattr(module, CONVERTED_BITS)), "steps": int(step.numel())}
-    return out
