@@ -117,3 +117,27 @@ def test_hls4ml_projects_need_power_of_two_steps_and_are_written_as_a_directory(
     figures = json.loads((out / "prunq_hls.json").read_text())
     assert figures["totals"]["n_weights"] == 6 * 5 + 5 * 3
     assert (out / "project").is_dir() and not list(tmp_path.glob(".hls.tmp-*"))
+
+
+def test_a_channel_pruned_run_exports_a_smaller_model_with_the_same_outputs(tmp_path):
+    """Issue 12: --remove-channels slices the channels pruning emptied; every format sees the smaller model."""
+    data = {**TINY, "dense": {**TINY["dense"], "steps": 30},
+            "prune": {**TINY["prune"], "sparsity": 0.6, "granularity": "channel", "finetune": {"steps": 10}},
+            "quant": {**TINY["quant"], "finetune": {"steps": 3}}}  # fmt: skip
+    recipe = parse_recipe(data)
+    result = compress_recipe(recipe, quiet=True)
+    d = tmp_path / "run"
+    write_run(d, recipe, result, render=False)
+    full = export(d, tmp_path / "full.packed")
+    small = export(d, tmp_path / "small.packed", remove_channels=True)
+    assert small.stat().st_size < full.stat().st_size
+    a, b = prunq.load(full), prunq.load(small)
+    fewer = [n for n, m in b.named_modules() if hasattr(m, "weight") and m.weight.numel() < a.get_submodule(n).weight.numel()]
+    assert fewer  # some layer lost channels
+    x = next(prunq.get_task("digits").test_batches(32))[0]
+    with torch.no_grad():
+        want, got = a(x), b(x)
+    assert float((want - got).abs().max()) <= 1e-4 * float(want.abs().max())  # a quantized act may round differently
+    assert (want.argmax(1) == got.argmax(1)).float().mean() >= 0.97
+    with pytest.raises(PrunqError, match="--remove-channels needs example_inputs"):
+        export(result, tmp_path / "x.packed", remove_channels=True)
