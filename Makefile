@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned to the local CPU build, so nothing can swap in a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,stereo,export,hls4ml]'
+	$(BIN)/pip install -q -e '.[test,stereo,export,hls4ml,sparse]'
 	$(BIN)/python -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') else 'torch was replaced: ' + v)"
 	touch $(STAMP)
 

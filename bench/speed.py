@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import re
 import sys
@@ -234,6 +235,9 @@ def ort_sessions(pruned: nn.Module, inputs: tuple) -> dict[str, Any]:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = THREADS, 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # ORT's idle workers spin for a while after each run: they would steal the CPU from whatever the
+        # interleaved rounds time next (always the same neighbour, since the order only rotates)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
     q = copy.deepcopy(pruned)
@@ -363,11 +367,15 @@ def write_md(res: dict[str, Any], path: Path) -> None:
     per = res.get("stereo_layers_95")
     if per:
         lines += ["", "## StereoNet at 95 %, per layer (sparsify's own timing on the layer's input, 500x741)", "",
-                  "| layer | sparsity | dense ms | sparse ms | kept |", "|---|---:|---:|---:|---|"]  # fmt: skip
+                  "Dense = the conv and the BatchNorm / ReLU it would absorb; direct = the C++ kernel with them "
+                  "fused; CSR = unfold + CSR matmul.", "",
+                  "| layer | sparsity | dense ms | direct ms | CSR ms | runs as | fused |",
+                  "|---|---:|---:|---:|---:|---|---|"]  # fmt: skip
         for n, r in per.items():
             if "dense_ms" in r:
-                lines.append(f"| `{n}` | {100 * r['sparsity']:.1f} % | {r['dense_ms']:.3g} | {r['sparse_ms']:.3g} | "
-                             f"{'sparse' if r['sparse'] else 'dense'} |")  # fmt: skip
+                f = lambda k: f"{r[k]:.3g}" if k in r else "–"  # noqa: E731
+                lines.append(f"| `{n}` | {100 * r['sparsity']:.1f} % | {f('dense_ms')} | {f('direct_ms')} | "
+                             f"{f('csr_ms')} | {r['impl']} | {', '.join(r.get('fused', [])) or '–'} |")  # fmt: skip
     split = res.get("bops_split")
     if split:
         lines += ["", "## StereoNet BOPs at 500x741: weight x activation vs activation x activation (cost model)", "",
@@ -397,7 +405,16 @@ def write_readme(res: dict[str, Any], path: Path = ROOT / "README.md") -> None:
     path.write_text(new)
 
 
+#: glibc returns big blocks to the system and maps them afresh on every call, so each 24 MB activation of
+#: StereoNet at 500x741 costs page faults: dense eager swung between ~94 and ~170 ms from run to run. These
+#: keep freed memory in the process (the same for every runtime compared).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4000000000", "MALLOC_TRIM_THRESHOLD_": "100000000000",
+              "MALLOC_TOP_PAD_": "1000000000"}  # fmt: skip
+
+
 def main() -> None:
+    if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):  # glibc reads them at start: re-exec
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--name", default="speed")
@@ -414,9 +431,12 @@ def main() -> None:
     rounds, min_s = (3, 0.05) if args.quick else (7, 0.3)
     import onnxruntime
 
-    res: dict[str, Any] = {"argv": sys.argv[1:], "models": {},
+    from prunq.runtime import _direct
+
+    kernel, why = _direct.available()
+    res: dict[str, Any] = {"argv": sys.argv[1:], "models": {}, "direct_kernel": {"available": kernel, "why": why},
                            "machine": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-                                       "platform": platform.platform()}}  # fmt: skip
+                                       "platform": platform.platform(), "malloc": MALLOC_ENV}}  # fmt: skip
     only = [o for o in args.only.split(",") if o]
     for name, (model, inputs) in models(args.quick).items():
         if only and not any(name.startswith(o) for o in only):

@@ -1,75 +1,158 @@
-"""The sparse CPU runtime: CSR layers give the dense outputs; the choice is measured; what it refuses."""
+"""The sparse CPU runtime: the direct kernel and the CSR forms give the dense outputs on every geometry;
+BatchNorm / ReLU fusion and the ConvTranspose rewrite are exact; the choice is measured; what it refuses."""
 
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from prunq.core.errors import PrunqError
 from prunq.prune import masks as M
-from prunq.runtime.sparse import SparseConv2d, SparseLinear, desparsify, sparsify
+from prunq.runtime import _direct
+from prunq.runtime.sparse import (
+    AbsorbedBatchNorm2d, AbsorbedReLU, SparseConv2d, SparseConvTranspose2d, SparseLinear, convtranspose_as_conv3x3,
+    desparsify, sparsify,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    """The direct kernel, built once (about 25 s the first time on a machine). A machine without g++
+    skips; one with g++ must build it."""
+    if shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the direct kernel cannot be built here")
+    ok, why = _direct.available()
+    assert ok, why
+    return _direct
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
+    return float((a - b).abs().max()) <= tol * max(1.0, float(a.abs().max()))
+
+
+@pytest.mark.parametrize("k,stride,padding,dilation,h,w", [
+    (3, 1, 1, 1, 20, 150),   # stride 1, wide: vector interior + scalar borders
+    (3, 1, 2, 2, 17, 130),   # dilated
+    (3, 1, 0, 1, 9, 100),    # no padding
+    (1, 1, 0, 1, 8, 70),     # 1x1
+    (5, 1, 2, 1, 11, 90),    # 5x5
+    (3, 1, 1, 1, 8, 8),      # narrower than a vector block: the phase-split plan
+    (3, 2, 1, 1, 21, 133),   # stride 2, odd sizes
+    (3, 2, 1, 2, 16, 70),    # stride 2, dilated
+    (4, 3, 0, 1, 13, 50),    # stride 3, even kernel
+])  # fmt: skip
+@pytest.mark.parametrize("relu", [False, True])
+def test_the_direct_kernel_equals_conv2d(kernel, k, stride, padding, dilation, h, w, relu):
+    g = torch.Generator().manual_seed(k * 100 + stride * 10 + h)
+    weight = torch.randn(6, 5, k, k, generator=g) * (torch.rand(6, 5, k, k, generator=g) < 0.2)
+    bias = torch.randn(6, generator=g)
+    x = torch.randn(2, 5, h, w, generator=g)
+    want = F.conv2d(x, weight, bias, stride, padding, dilation)
+    want = torch.relu(want) if relu else want
+    plan = kernel.make_plan(weight, bias, stride, padding, dilation, tuple(x.shape), relu=relu)
+    got = plan(x)
+    assert got.shape == want.shape and _close(want, got)
+    assert _close(want, plan(x))  # a plan is reusable (its scratch buffer is overwritten)
+    empty = kernel.make_plan(torch.zeros_like(weight), None, stride, padding, dilation, tuple(x.shape))
+    assert torch.equal(empty(x), torch.zeros_like(want))  # no non-zeros at all
+
+
+def test_a_transposed_conv_is_a_3x3_conv_and_a_pixel_shuffle():
+    torch.manual_seed(0)
+    up = nn.ConvTranspose2d(5, 3, 4, stride=2, padding=1, bias=False)
+    x = torch.randn(2, 5, 7, 9)
+    with torch.no_grad():
+        want = up(x)
+        got = F.pixel_shuffle(F.conv2d(x, convtranspose_as_conv3x3(up.weight), None, 1, 1), 2)
+    assert _close(want, got, 1e-6)
 
 
 class _Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.c1 = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.c1 = nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.r1 = nn.ReLU()
         self.c2 = nn.Conv2d(16, 16, 1)
         self.c3 = nn.Conv2d(16, 8, 3, padding=2, dilation=2, bias=False)
+        self.up = nn.ConvTranspose2d(8, 8, 4, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.r2 = nn.ReLU()
         self.g = nn.Conv2d(8, 8, 3, padding=1, groups=2)  # grouped: stays dense
-        self.fc = nn.Linear(8 * 8 * 8, 10)
+        self.fc = nn.Linear(8 * 32 * 32, 10)
 
     def forward(self, x):
-        x = torch.relu(self.c1(x))
+        x = self.r1(self.bn1(self.c1(x)))
         x = torch.relu(self.c2(x))
-        x = self.g(torch.relu(self.c3(x)))
-        return self.fc(x.flatten(1))
+        x = self.r2(self.bn2(self.up(self.c3(x))))
+        return self.fc(self.g(x).flatten(1))
 
 
 def _sparse_net(density: float = 0.05) -> nn.Module:
     torch.manual_seed(0)
-    net = _Net().eval()
+    net = _Net()
     with torch.no_grad():
         for m in net.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
                 m.weight.mul_((torch.rand_like(m.weight) < density).float())
-    return net
+            if isinstance(m, nn.BatchNorm2d):  # non-trivial statistics, so that folding is tested
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return net.eval()
 
 
-def test_every_swapped_layer_gives_the_dense_output():
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["direct", "csr"])
+def test_every_swapped_layer_gives_the_dense_output(use_kernel, request):
+    if use_kernel:
+        request.getfixturevalue("kernel")
     net = _sparse_net()
-    x = torch.randn(2, 3, 16, 16)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         want = net(x)
-    report = sparsify(net, x, min_speedup=0.0)  # swap whatever is sparse enough, to test the kernels
+    report = sparsify(net, x, min_speedup=0.0, kernel=use_kernel)  # swap whatever is sparse enough
     kinds = {n: type(m) for n, m in net.named_modules() if n}
     assert kinds["c1"] is SparseConv2d and kinds["c2"] is SparseConv2d and kinds["c3"] is SparseConv2d
     assert kinds["fc"] is SparseLinear and kinds["g"] is nn.Conv2d and "g" not in report
-    assert all(r["sparse"] and r["sparsity"] > 0.8 and r["dense_ms"] > 0 for r in report.values())
+    assert kinds["bn1"] is AbsorbedBatchNorm2d and kinds["r1"] is AbsorbedReLU and report["c1"]["fused"] == ["bn1", "r1"]
+    if use_kernel:  # the ConvTranspose rewrite needs the direct kernel
+        assert kinds["up"] is SparseConvTranspose2d and kinds["bn2"] is AbsorbedBatchNorm2d
+        assert report["up"]["impl"] == "direct" and report["c3"]["impl"] in ("direct", "csr")
+    else:
+        assert kinds["up"] is nn.ConvTranspose2d and all(r["impl"] in ("csr", "dense") for r in report.values())
+    swapped = {n: r for n, r in report.items() if use_kernel or n != "up"}  # CSR has no ConvTranspose form
+    assert all(r["sparse"] and r["sparsity"] > 0.8 and r["dense_ms"] > 0 for r in swapped.values())
     with torch.no_grad():
-        got = net(x)
-        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
-        assert torch.allclose(copy.deepcopy(net)(x), want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
-    assert set(net.state_dict()) == set(_Net().state_dict())  # the dense weights stay the parameters
+        assert _close(want, net(x))
+        assert _close(want, copy.deepcopy(net)(x))
+        assert _close(want[:1], net(x[:1]))  # another input shape: a new plan
+    after = net.state_dict()
+    assert list(after) == list(state) and all(torch.equal(after[k], state[k]) for k in state)
     desparsify(net)
-    assert {type(m) for m in net.modules()} == {_Net, nn.Conv2d, nn.Linear}
+    assert {type(m) for m in net.modules()} == {_Net, nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.ReLU, nn.Linear}
+    with torch.no_grad():
+        assert torch.equal(net(x), want)
 
 
 def test_the_choice_is_measured_and_dense_layers_are_left_alone():
     net = _sparse_net(density=1.0)  # nothing to gain: no layer reaches min_sparsity
-    report = sparsify(net, torch.randn(1, 3, 16, 16))
+    report = sparsify(net, torch.randn(1, 3, 32, 32), kernel=False)
     assert not any(r["sparse"] for r in report.values()) and all("dense_ms" not in r for r in report.values())
     net = _sparse_net()
-    report = sparsify(net, torch.randn(1, 3, 16, 16), min_speedup=1e9)  # never fast enough
-    assert all(not r["sparse"] and r["sparse_ms"] > 0 for r in report.values())
-    assert not any(isinstance(m, (SparseConv2d, SparseLinear)) for m in net.modules())
+    report = sparsify(net, torch.randn(1, 3, 32, 32), min_speedup=1e9, kernel=False)  # never fast enough
+    assert all(not r["sparse"] and r["sparse_ms"] > 0 for r in report.values() if "dense_ms" in r)
+    assert not any(isinstance(m, (SparseConv2d, SparseLinear, AbsorbedBatchNorm2d)) for m in net.modules())
 
 
 def test_a_model_with_masks_must_be_converted_first():
     net = _sparse_net()
     M.attach_mask(net.fc)
     with pytest.raises(PrunqError, match="convert it first"):
-        sparsify(net, torch.randn(1, 3, 16, 16))
+        sparsify(net, torch.randn(1, 3, 32, 32))

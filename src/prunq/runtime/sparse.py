@@ -1,25 +1,37 @@
-"""A sparse CPU runtime: layers whose measured sparse time beats their dense time run as CSR matmuls.
+"""A sparse CPU runtime: each layer runs the implementation measured fastest on its real input.
 
 :func:`sparsify` takes a *converted* model (:func:`prunq.convert`: masks and weight grids baked into plain
-weights) and the inputs it will see, times every Linear and Conv2d on its real input — the dense kernel
-against a CSR formulation — and swaps in the sparse one only where it is faster (by ``min_speedup``):
+weights) and the inputs it will see, and times every candidate layer on its captured input — the dense
+kernel against the sparse ones — keeping a sparse one only where it is faster (by ``min_speedup``):
 
-* **Linear**: ``y = W_csr @ xᵀ`` (``torch.sparse`` CSR × dense, MKL on x86);
-* **Conv2d 1×1**, stride 1, no padding: the same on the ``(C, B·H·W)`` view of the input;
-* **Conv2d k×k**: ``unfold`` (im2col) into ``(C·k·k, B·L)`` then the CSR matmul. im2col costs memory
-  traffic the dense kernel avoids, so this wins only at high sparsity — the timing decides.
+* **Conv2d** (groups 1, zero padding, square stride/padding/dilation): the **direct sparse kernel**
+  (:mod:`prunq.runtime._direct`, C++/OpenMP compiled on first use: only the non-zero weights' work, input
+  read in place), or ``unfold`` + CSR matmul (``torch.sparse``; 1×1 convs on the ``(C, B·H·W)`` view);
+* **ConvTranspose2d** 4×4, stride 2, padding 1 (the usual 2× upsampling): rewritten exactly as a 3×3
+  conv with four times the output channels followed by ``pixel_shuffle(2)``, run by the direct kernel;
+* **Linear**: ``y = W_csr @ xᵀ`` (CSR × dense, MKL on x86).
 
-Grouped convolutions, ConvTranspose and non-zero padding modes stay dense. The swap changes the module's
-class to a subclass (``SparseLinear``/``SparseConv2d``) whose ``forward`` uses a CSR copy of the weight;
-the dense weight stays the parameter (state dicts, exports and the cost model see the same model), so
-outputs equal the dense converted model's up to float summation order. Quantized weights run as their
-float values (``k · step``); an integer path (int8 CSR values and a per-channel rescale) would cut the
-weight bytes read per multiply by 4 but needs kernels torch does not have for sparse tensors.
+With ``fuse=True`` (default) a conv followed by a BatchNorm2d and/or a ReLU (modules called once, each the
+only user of the previous output) runs as one pass when the sparse form is chosen: the BatchNorm is folded
+into the kernel's weights and bias (``torch.nn.utils.fusion``), the ReLU applied to the accumulators; the
+BatchNorm and ReLU modules become pass-throughs. The timing compares like with like (dense conv + BN +
+ReLU against the fused sparse pass). This is for inference: the model is put in eval mode, and
+:func:`desparsify` undoes every swap before training or export.
+
+Swaps change a module's class to a subclass (``SparseConv2d``, ``SparseConvTranspose2d``, ``SparseLinear``,
+``AbsorbedBatchNorm2d``, ``AbsorbedReLU``); every parameter and buffer stays as it was, so the state dict,
+the cost model and ``desparsify`` see the same model; outputs equal the dense converted model's up to float
+summation order. Quantized weights run as their float values (``k · step``): an integer path (int8 values,
+int32 accumulators, one rescale per output channel in the epilogue) would read a quarter of the weight
+bytes and let the input stay int8 (a quarter of the activation traffic, which dominates these kernels);
+not built.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -27,17 +39,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from prunq.core.errors import PrunqError
+from prunq.runtime import _direct
 
-__all__ = ["sparsify", "SparseLinear", "SparseConv2d", "desparsify"]
+__all__ = ["sparsify", "desparsify", "SparseLinear", "SparseConv2d", "SparseConvTranspose2d"]
 
 
+# -- CSR parts ------------------------------------------------------------------------------------------
 def _csr(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
     """The CSR parts of the weight's ``(out, rest)`` view: plain tensors, so the module deep-copies
     (a sparse CSR tensor has no storage to copy); :func:`_as_csr` assembles them without a copy."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
         m = weight.detach().reshape(weight.shape[0], -1).to_sparse_csr()
@@ -45,11 +58,81 @@ def _csr(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 
 def _as_csr(parts: tuple) -> torch.Tensor:
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse_csr_tensor(*parts[:3], size=parts[3])
+
+
+# -- a conv-like computation the sparse layers share ----------------------------------------------------
+class _Spec:
+    """``relu?(conv2d(x, w, b, stride, padding, dilation))``, then ``pixel_shuffle(shuffle)`` if set: what a
+    swapped conv computes, with BatchNorm already folded into ``w`` / ``b``. ``impl``: ``"direct"`` or
+    ``"csr"``. Direct-kernel plans are made per input shape and kept."""
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, stride: int, padding: int, dilation: int,
+                 relu: bool, shuffle: int = 0, impl: str = "direct") -> None:  # fmt: skip
+        self.w, self.b = w.detach().float().contiguous(), None if b is None else b.detach().float().contiguous()
+        self.stride, self.padding, self.dilation, self.relu, self.shuffle, self.impl = (
+            stride, padding, dilation, relu, shuffle, impl)  # fmt: skip
+        self.plans: dict[tuple[int, ...], Any] = {}
+        self.csr = _csr(self.w) if impl == "csr" else None
+
+    def __deepcopy__(self, memo: dict) -> _Spec:  # plans hold scratch buffers: rebuilt on demand
+        return _Spec(self.w.clone(), None if self.b is None else self.b.clone(), self.stride, self.padding,
+                     self.dilation, self.relu, self.shuffle, self.impl)  # fmt: skip
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x[None]
+        x = x.contiguous()
+        if self.impl == "direct":
+            key = tuple(x.shape)
+            plan = self.plans.get(key)
+            if plan is None:
+                plan = self.plans[key] = _direct.make_plan(self.w, self.b, self.stride, self.padding, self.dilation,
+                                                           key, relu=self.relu)  # fmt: skip
+            y = plan(x)
+        else:
+            y = self._csr_conv(x)
+            if self.relu:
+                y = torch.relu_(y)
+        if self.shuffle:
+            y = F.pixel_shuffle(y, self.shuffle)
+        return y[0] if unbatched else y
+
+    def _csr_conv(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        o, _, kh, kw = self.w.shape
+        s, p, d = self.stride, self.padding, self.dilation
+        if (kh, kw) == (1, 1) and s == 1 and p == 0:
+            cols, ho, wo = x.permute(1, 0, 2, 3).reshape(c, b * h * w), h, w
+        else:
+            u = F.unfold(x, (kh, kw), dilation=d, padding=p, stride=s)  # (B, C*k*k, L)
+            ho, wo = (h + 2 * p - d * (kh - 1) - 1) // s + 1, (w + 2 * p - d * (kw - 1) - 1) // s + 1
+            cols = u.permute(1, 0, 2).reshape(u.shape[1], b * ho * wo)
+        y = (_as_csr(self.csr) @ cols).reshape(o, b, ho, wo).permute(1, 0, 2, 3)
+        if self.b is not None:
+            y = y + self.b.reshape(1, o, 1, 1)
+        return y.contiguous()
+
+
+class SparseConv2d(nn.Conv2d):
+    """A Conv2d (possibly with its BatchNorm and ReLU fused) run by the direct kernel or CSR."""
+
+    _prunq_spec: _Spec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self._prunq_spec(x)
+
+
+class SparseConvTranspose2d(nn.ConvTranspose2d):
+    """A ConvTranspose2d(k=4, s=2, p=1) run as a sparse 3×3 conv + ``pixel_shuffle(2)``."""
+
+    _prunq_spec: _Spec
+
+    def forward(self, x: torch.Tensor, output_size: Any = None) -> torch.Tensor:  # noqa: D102
+        return self._prunq_spec(x)
 
 
 class SparseLinear(nn.Linear):
@@ -65,46 +148,112 @@ class SparseLinear(nn.Linear):
         return y.reshape(*lead, self.out_features)
 
 
-class SparseConv2d(nn.Conv2d):
-    """A Conv2d (groups 1, zero padding) computed as a CSR matmul on the im2col view of its input."""
-
-    _prunq_csr: tuple
+class AbsorbedBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm2d folded into the sparse conv before it: a pass-through (its state is kept)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        unbatched = x.dim() == 3
-        if unbatched:
-            x = x[None]
-        b, c, h, w = x.shape
-        o = self.out_channels
-        k = self.kernel_size
-        if k == (1, 1) and self.stride == (1, 1) and self.padding in ((0, 0), "valid") and self.dilation == (1, 1):
-            cols = x.permute(1, 0, 2, 3).reshape(c, b * h * w)
-            ho, wo = h, w
-        else:
-            pad = self.padding if isinstance(self.padding, tuple) else _same_padding(self)
-            u = F.unfold(x, k, dilation=self.dilation, padding=pad, stride=self.stride)  # (B, C*k*k, L)
-            ho = (h + 2 * pad[0] - self.dilation[0] * (k[0] - 1) - 1) // self.stride[0] + 1
-            wo = (w + 2 * pad[1] - self.dilation[1] * (k[1] - 1) - 1) // self.stride[1] + 1
-            cols = u.permute(1, 0, 2).reshape(u.shape[1], b * ho * wo)
-        y = (_as_csr(self._prunq_csr) @ cols).reshape(o, b, ho, wo).permute(1, 0, 2, 3)
-        if self.bias is not None:
-            y = y + self.bias.reshape(1, o, 1, 1)
-        y = y.contiguous()
-        return y[0] if unbatched else y
+        return x
 
 
-def _same_padding(conv: nn.Conv2d) -> tuple[int, int]:
-    return tuple(d * (k - 1) // 2 for d, k in zip(conv.dilation, conv.kernel_size))  # type: ignore[return-value]
+class AbsorbedReLU(nn.ReLU):
+    """A ReLU applied inside the sparse conv before it: a pass-through."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return x
 
 
-def _candidate(module: nn.Module) -> type | None:
-    if parametrize.is_parametrized(module):
+_RESTORE = {SparseConv2d: nn.Conv2d, SparseConvTranspose2d: nn.ConvTranspose2d, SparseLinear: nn.Linear,
+            AbsorbedBatchNorm2d: nn.BatchNorm2d, AbsorbedReLU: nn.ReLU}  # fmt: skip
+
+
+# -- what can be swapped -----------------------------------------------------------------------------------
+def _square(t: Any) -> int | None:
+    t = tuple(t) if isinstance(t, (tuple, list)) else (t, t)
+    return int(t[0]) if len(set(t)) == 1 else None
+
+
+def _conv_geometry(m: nn.Module) -> tuple[int, int, int] | None:
+    """``(stride, padding, dilation)`` of a Conv2d the sparse forms handle, else None."""
+    if type(m) is not nn.Conv2d or m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
         return None
-    if type(module) is nn.Linear:
-        return SparseLinear
-    if type(module) is nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros":
-        return SparseConv2d
-    return None
+    g = (_square(m.stride), _square(m.padding), _square(m.dilation))
+    return None if None in g else g  # type: ignore[return-value]
+
+
+def _upsampling(m: nn.Module) -> bool:
+    return (type(m) is nn.ConvTranspose2d and m.groups == 1 and tuple(m.kernel_size) == (4, 4)
+            and tuple(m.stride) == (2, 2) and tuple(m.padding) == (1, 1) and tuple(m.dilation) == (1, 1)
+            and tuple(m.output_padding) == (0, 0) and m.padding_mode == "zeros")  # fmt: skip
+
+
+def convtranspose_as_conv3x3(weight: torch.Tensor) -> torch.Tensor:
+    """A ConvTranspose2d(k=4, s=2, p=1) weight ``(Cin, Cout, 4, 4)`` as the weight ``(4·Cout, Cin, 3, 3)`` of a
+    3×3 conv (padding 1) whose output, through ``pixel_shuffle(2)``, equals the transposed conv: output
+    pixel ``(2i + py, 2j + px)`` sums input ``(i + r − 1, j + q − 1)`` times kernel tap ``(kmap[py][r],
+    kmap[px][q])``."""
+    cin, cout = weight.shape[:2]
+    kmap = ({0: 3, 1: 1}, {1: 2, 2: 0})  # output phase -> {3x3 tap: 4x4 kernel index}
+    w = weight.new_zeros(cout, 2, 2, cin, 3, 3)
+    for py in range(2):
+        for px in range(2):
+            for r, kr in kmap[py].items():
+                for q, kq in kmap[px].items():
+                    w[:, py, px, :, r, q] = weight[:, :, kr, kq].t()
+    return w.reshape(cout * 4, cin, 3, 3)
+
+
+def _chains(model: nn.Module) -> dict[str, tuple[str | None, str | None]]:
+    """``{conv: (batchnorm or None, relu or None)}`` for Conv2d / ConvTranspose2d modules called once whose
+    output feeds only that BatchNorm2d (eval statistics), whose output feeds only that ReLU."""
+    from prunq.core._graph_trace import _Tracer
+
+    try:
+        graph = _Tracer().trace(model)
+    except Exception:  # untraceable: no fusion, layers are still swapped one by one
+        return {}
+    mods = dict(model.named_modules())
+    nodes = [n for n in graph.nodes if n.op == "call_module"]
+    calls = Counter(n.target for n in nodes)
+
+    def only_user(n: torch.fx.Node, kind: type) -> torch.fx.Node | None:
+        if len(n.users) != 1:
+            return None
+        (u,) = n.users
+        ok = u.op == "call_module" and u.args == (n,) and not u.kwargs and calls[u.target] == 1
+        return u if ok and type(mods[u.target]) is kind else None
+
+    out: dict[str, tuple[str | None, str | None]] = {}
+    for n in nodes:
+        if calls[n.target] != 1 or type(mods[n.target]) not in (nn.Conv2d, nn.ConvTranspose2d):
+            continue
+        bn = only_user(n, nn.BatchNorm2d)
+        if bn is not None and mods[bn.target].running_mean is None:
+            bn = None
+        relu = only_user(bn if bn is not None else n, nn.ReLU)
+        out[str(n.target)] = (None if bn is None else str(bn.target), None if relu is None else str(relu.target))
+    return out
+
+
+def _effective(m: nn.Module, bn: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The conv's weight and bias with the BatchNorm (eval statistics) folded in."""
+    w, b = m.weight.detach(), None if m.bias is None else m.bias.detach()
+    if bn is None:
+        return w, b
+    gamma = bn.weight.detach() if bn.affine else torch.ones_like(bn.running_mean)
+    beta = bn.bias.detach() if bn.affine else torch.zeros_like(bn.running_mean)
+    fw, fb = fuse_conv_bn_weights(w, b, bn.running_mean, bn.running_var, bn.eps, gamma, beta,
+                                  transpose=isinstance(m, nn.ConvTranspose2d))  # fmt: skip
+    return fw.detach(), fb.detach()
+
+
+def _specs(m: nn.Module, bn: nn.Module | None, relu: bool, impls: list[str]) -> dict[str, _Spec]:
+    """The sparse forms to try for conv ``m`` (BatchNorm ``bn`` folded, ``relu`` fused)."""
+    w, b = _effective(m, bn)
+    if type(m) is nn.ConvTranspose2d:
+        b4 = None if b is None else b.repeat_interleave(4)
+        return {i: _Spec(convtranspose_as_conv3x3(w), b4, 1, 1, 1, relu, shuffle=2, impl=i) for i in impls}
+    s, p, d = _conv_geometry(m)  # type: ignore[misc]
+    return {i: _Spec(w, b, s, p, d, relu, impl=i) for i in impls}
 
 
 def _time(fn: Callable[[], Any], reps: int) -> float:
@@ -120,30 +269,37 @@ def _time(fn: Callable[[], Any], reps: int) -> float:
 
 @torch.no_grad()
 def sparsify(
-    model: nn.Module, example_inputs: Any, *, min_speedup: float = 1.1, reps: int = 5, min_sparsity: float = 0.5
+    model: nn.Module, example_inputs: Any, *, min_speedup: float = 1.1, reps: int = 5, min_sparsity: float = 0.5,
+    fuse: bool = True, kernel: bool = True,
 ) -> dict[str, dict[str, Any]]:
-    """Swap every Linear / Conv2d of a converted ``model`` whose CSR form is measured faster on its input.
+    """Swap every layer of a converted ``model`` whose sparse form is measured faster on its input.
 
     ``example_inputs`` (a tensor or a tuple) are run once to capture each layer's real input (the shape
-    the deployment uses: the choice depends on it). A layer is swapped when its sparsity is at least
-    ``min_sparsity`` and dense time / sparse time ≥ ``min_speedup`` (median of ``reps`` timings each).
-    Returns, per candidate layer, ``{"sparsity", "dense_ms", "sparse_ms", "sparse"}``. In place; the
-    model stays in eval mode. :func:`desparsify` undoes it.
+    the deployment uses: the choice depends on it). A layer is a candidate when its weight sparsity is at
+    least ``min_sparsity``; it is swapped when dense time / best sparse time ≥ ``min_speedup`` (median of
+    ``reps`` timings each). ``fuse``: fold a following BatchNorm2d / ReLU into a swapped conv. ``kernel``:
+    try the direct C++ kernel (built on first use; without a compiler the CSR forms are tried alone and
+    ``prunq.runtime._direct.available()`` says why). Returns, per candidate layer, ``{"sparsity",
+    "dense_ms", "<impl>_ms" ..., "sparse_ms" (the best sparse), "impl", "sparse", "fused"}``. In place; the
+    model is left in eval mode.
     """
     if any(parametrize.is_parametrized(m) for m in model.modules()):
         raise PrunqError("sparsify: the model still has masks or weight quantizers; prunq.convert it first")
-    candidates = {n: m for n, m in model.named_modules() if _candidate(m) is not None}
+    model.eval()
+    mods = dict(model.named_modules())
+    chains = _chains(model) if fuse else {}
+    candidates = {n: m for n, m in mods.items()
+                  if type(m) is nn.Linear or _conv_geometry(m) is not None or _upsampling(m)}  # fmt: skip
+    have_kernel = _direct.available()[0] if kernel else False
     captured: dict[str, torch.Tensor] = {}
 
     def keep(name: str) -> Callable[..., None]:
-        def hook(mod: nn.Module, args: tuple, out: Any) -> None:  # returns None: the output is untouched
-            captured.setdefault(name, args[0].detach())
+        def hook(mod: nn.Module, args: tuple) -> None:  # runs after prunq's input quantizers
+            captured.setdefault(name, args[0].detach().contiguous())
 
         return hook
 
-    hooks = [m.register_forward_hook(keep(n)) for n, m in candidates.items()]
-    was = model.training
-    model.eval()
+    hooks = [m.register_forward_pre_hook(keep(n)) for n, m in candidates.items()]
     try:
         model(*(example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)))
     finally:
@@ -156,28 +312,55 @@ def sparsify(
             continue  # not used by this forward
         w = module.weight
         sparsity = float((w == 0).sum()) / w.numel()
-        entry: dict[str, Any] = {"sparsity": sparsity, "sparse": False}
-        if sparsity >= min_sparsity:
-            cls = _candidate(module)
-            trial = cls.__new__(cls)
+        entry: dict[str, Any] = {"sparsity": sparsity, "sparse": False, "impl": "dense", "fused": []}
+        report[name] = entry
+        if sparsity < min_sparsity:
+            continue
+        if type(module) is nn.Linear:
+            trial = SparseLinear.__new__(SparseLinear)
             trial.__dict__ = dict(module.__dict__)
             trial._prunq_csr = _csr(w)
-            dense_s = _time(lambda: module(x), reps)
-            sparse_s = _time(lambda: trial(x), reps)
-            entry.update(dense_ms=1e3 * dense_s, sparse_ms=1e3 * sparse_s)
+            dense_s, sparse_s = _time(lambda: module(x), reps), _time(lambda: trial(x), reps)
+            entry.update(dense_ms=1e3 * dense_s, csr_ms=1e3 * sparse_s, sparse_ms=1e3 * sparse_s)
             if dense_s / sparse_s >= min_speedup:
-                module.__class__ = cls
+                module.__class__ = SparseLinear
                 module._prunq_csr = trial._prunq_csr
-                entry["sparse"] = True
-        report[name] = entry
-    model.train(was)
+                entry.update(sparse=True, impl="csr")
+            continue
+        bn_name, relu_name = chains.get(name, (None, None))
+        bn, relu = mods.get(bn_name) if bn_name else None, mods.get(relu_name) if relu_name else None
+
+        def dense_fn(module=module, bn=bn, relu=relu) -> torch.Tensor:
+            y = module(x)
+            y = bn(y) if bn is not None else y
+            return relu(y) if relu is not None else y
+
+        impls = (["direct"] if have_kernel else []) + (["csr"] if type(module) is nn.Conv2d else [])
+        if not impls:
+            continue
+        specs = _specs(module, bn, relu is not None, impls)
+        dense_s = _time(dense_fn, reps)
+        times = {i: _time(lambda s=s: s(x), reps) for i, s in specs.items()}
+        best = min(times, key=times.__getitem__)
+        entry.update(dense_ms=1e3 * dense_s, sparse_ms=1e3 * times[best], **{f"{i}_ms": 1e3 * t for i, t in times.items()})
+        if dense_s / times[best] < min_speedup:
+            continue
+        module.__class__ = SparseConv2d if type(module) is nn.Conv2d else SparseConvTranspose2d
+        module._prunq_spec = specs[best]
+        if bn is not None:
+            bn.__class__ = AbsorbedBatchNorm2d
+        if relu is not None:
+            relu.__class__ = AbsorbedReLU
+        entry.update(sparse=True, impl=best, fused=[n for n in (bn_name, relu_name) if n])
     return report
 
 
 def desparsify(model: nn.Module) -> nn.Module:
-    """Back to the dense classes (the weights never changed)."""
+    """Back to the dense classes (no parameter or buffer ever changed)."""
     for m in model.modules():
-        if isinstance(m, (SparseLinear, SparseConv2d)):
-            m.__class__ = nn.Linear if isinstance(m, SparseLinear) else nn.Conv2d
-            del m._prunq_csr
+        cls = _RESTORE.get(type(m))
+        if cls is not None:
+            m.__class__ = cls
+            for attr in ("_prunq_spec", "_prunq_csr"):
+                m.__dict__.pop(attr, None)
     return model
