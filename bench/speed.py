@@ -266,6 +266,10 @@ def run_model(name: str, dense: nn.Module, inputs: tuple, sparsities: tuple, rou
         group: dict[str, Any] = {"dense": dense, "masked": masked(pruned, dense), "sparse": sparse}
         if ch is not None:
             group["channels"] = ch["model"]
+            # the smaller model through the runtime too: every conv timed, dense kernel vs the direct one
+            # (which wins on a few channels, where oneDNN pads to its 8/16-channel blocks)
+            group["channels_rt"] = copy.deepcopy(ch["model"])
+            ch["runtime_swapped"] = sum(r["sparse"] for r in sparsify(group["channels_rt"], inputs, min_sparsity=0.0).values())
         if s in ORT_AT:
             group.update(ort_sessions(pruned, inputs))
         with torch.no_grad():
@@ -317,7 +321,8 @@ def _cell(t: dict[str, Any], key: str) -> str:
 def table(res: dict[str, Any]) -> list[str]:
     """One row per model and sparsity: median ms [IQR] and speed-up over dense eager."""
     lines = ["| model | sparsity | weight MACs | dense eager | masked eager | sparse runtime | channel-removed "
-             "(same MACs) | ORT fp32 | ORT int8 | rounds |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+             "(same MACs) | + runtime | ORT fp32 | ORT int8 | rounds |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for name, rows in res["models"].items():
         for s, r in rows.items():
             t = r["timing"]
@@ -325,7 +330,8 @@ def table(res: dict[str, Any]) -> list[str]:
             ch = r.get("channels")
             chan = _cell(t, "channels") + (f" ({100 * ch['mac_ratio']:.1f} % MACs)" if ch else "")
             lines.append(f"| {name} | {100 * float(s):.0f} % | {100 * r['mac_ratio']:.1f} % | {_cell(t, 'dense')} | "
-                         f"{_cell(t, 'masked')} | {sparse} | {chan} | {_cell(t, 'ort_fp32')} | {_cell(t, 'ort_int8')} | "
+                         f"{_cell(t, 'masked')} | {sparse} | {chan} | {_cell(t, 'channels_rt')} | {_cell(t, 'ort_fp32')} | "
+                         f"{_cell(t, 'ort_int8')} | "
                          f"{t['rounds_kept']}/{t['rounds']} |")  # fmt: skip
     return lines
 
@@ -347,9 +353,11 @@ def targets(res: dict[str, Any]) -> list[str]:
             if not ch:
                 continue
             lat = 1 / r["timing"]["channels"]["speedup"]["median"]
+            rt = 1 / r["timing"]["channels_rt"]["speedup"]["median"]
             bound = 1.5 * ch["mac_ratio"]
-            out.append(f"{name.split(' ')[0]} {100 * float(s):.0f} %: channel-removed latency {lat:.3f} of dense at "
-                       f"{ch['mac_ratio']:.3f} of its MACs (target ≤ {bound:.3f}: {'met' if lat <= bound else 'not met'})")  # fmt: skip
+            out.append(f"{name.split(' ')[0]} {100 * float(s):.0f} %: channel-removed latency {lat:.3f} of dense, "
+                       f"{rt:.3f} through the runtime, at {ch['mac_ratio']:.3f} of its MACs (target ≤ {bound:.3f}: "
+                       f"{'met' if min(lat, rt) <= bound else 'not met'})")  # fmt: skip
     return out
 
 
@@ -360,7 +368,8 @@ def write_md(res: dict[str, Any], path: Path) -> None:
              f"{res['wall_s'] / 60:.1f} min.", "",
              "Element rows: weights magnitude-pruned (global). *masked eager*: prunq's mask parametrizations; "
              "*sparse runtime*: converted + `prunq.sparsify`; *channel-removed*: pruned by whole channels to the "
-             "same live weight MACs (cost model) instead, then `prunq.remove_channels`; ORT: prunq's `onnx-fp32` "
+             "same live weight MACs (cost model) instead, then `prunq.remove_channels`; *+ runtime*: that model "
+             "through `prunq.sparsify(min_sparsity=0)`; ORT: prunq's `onnx-fp32` "
              "and `onnx` (int8 QDQ, w8a8) exports of the element-pruned model. Median ms [IQR] of interleaved "
              "rounds; **×** = median of per-round ratios dense eager / this (above 1: faster).", "",
              *table(res), "", "## Targets", "", *[f"- {t}" for t in targets(res)]]  # fmt: skip

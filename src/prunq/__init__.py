@@ -23,6 +23,7 @@ _EXPORTS = {
     "load": "prunq.pipeline.io",
     "export": "prunq.pipeline.export",
     "sparsify": "prunq.runtime.sparse",
+    "desparsify": "prunq.runtime.sparse",
     "remove_channels": "prunq.prune.structured",
     "save": "prunq.pipeline.io",
     "run_methods": "prunq.pipeline.run",
@@ -70,7 +71,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from prunq.pipeline.run import CompressResult, compress, run_methods, train_dense  # noqa: F401
     from prunq.prune.pruner import PruneConfig, Pruner  # noqa: F401
     from prunq.prune.structured import remove_channels  # noqa: F401
-    from prunq.runtime.sparse import sparsify  # noqa: F401
+    from prunq.runtime.sparse import desparsify, sparsify  # noqa: F401
     from prunq.quant import QuantConfig, calibrate, convert, prepare, unprepare  # noqa: F401
     from prunq.pipeline.recipes import Recipe, load_recipe, parse_recipe  # noqa: F401
     from prunq.prune.schedules import Schedule  # noqa: F401

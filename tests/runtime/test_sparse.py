@@ -156,3 +156,29 @@ def test_a_model_with_masks_must_be_converted_first():
     M.attach_mask(net.fc)
     with pytest.raises(PrunqError, match="convert it first"):
         sparsify(net, torch.randn(1, 3, 32, 32))
+
+
+def test_a_model_not_faster_as_a_whole_is_put_back(monkeypatch):
+    from prunq.runtime import sparse as S
+
+    net = _sparse_net()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        want = net(x)
+    # every conv "10x faster" alone (the dense conv+BN+ReLU is timed through a function named dense_fn)
+    monkeypatch.setattr(S, "_time", lambda fn, reps, min_s=0.0: 1.0 if fn.__name__ == "dense_fn" else 0.1)
+    calls = []
+
+    def slower(model, args, swaps, reps):
+        calls.append(len(swaps))
+        for m, dense_cls, _ in swaps:
+            m.__class__ = dense_cls
+        return False
+
+    monkeypatch.setattr(S, "_whole_model_faster", slower)
+    report = sparsify(net, x, kernel=False)
+    assert calls and all(not r["sparse"] for r in report.values())
+    assert any(r.get("reverted") for r in report.values())
+    assert {type(m) for m in net.modules()} == {_Net, nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.ReLU, nn.Linear}
+    with torch.no_grad():
+        assert torch.equal(net(x), want)

@@ -17,7 +17,7 @@ This kernel does only the non-zero weights' work and reads the input in place:
 Row tiles × batch are spread over OpenMP threads (``torch.set_num_threads`` applies). Built with
 ``torch.utils.cpp_extension.load_inline`` (g++ and ninja — the ``sparse`` extra installs ninja —,
 ``-O3 -march=native -fopenmp``; about 25 s the first time, then cached by torch under its extensions
-directory, keyed by the source's hash). :func:`available` says whether it could be built, and why not.
+directory, keyed by the source and the CPU). :func:`available` says whether it could be built, and why not.
 """
 
 from __future__ import annotations
@@ -273,6 +273,18 @@ def make_plan(weight, bias, stride, padding, dilation, in_shape, relu=False, bw=
 _STATE: dict[str, Any] = {"kernel": None, "error": None}
 
 
+def _cpu() -> str:
+    """The CPU's model and feature flags: ``-march=native`` builds are cached per CPU, not shared."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))][:2]
+    except OSError:
+        lines = []
+    return platform.machine() + "".join(lines)
+
+
 def _kernel() -> Any:
     if _STATE["kernel"] is None and _STATE["error"] is None:
         try:
@@ -280,7 +292,7 @@ def _kernel() -> Any:
 
             from torch.utils.cpp_extension import load_inline
 
-            name = "prunq_spconv_" + hashlib.sha256(CPP.encode()).hexdigest()[:12]
+            name = "prunq_spconv_" + hashlib.sha256((CPP + _cpu()).encode()).hexdigest()[:12]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 _STATE["kernel"] = load_inline(name, cpp_sources=CPP, functions=["spconv", "spconv_s1"],

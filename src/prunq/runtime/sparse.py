@@ -256,15 +256,45 @@ def _specs(m: nn.Module, bn: nn.Module | None, relu: bool, impls: list[str]) -> 
     return {i: _Spec(w, b, s, p, d, relu, impl=i) for i in impls}
 
 
-def _time(fn: Callable[[], Any], reps: int) -> float:
-    """Median seconds of ``reps`` calls (after one warm-up)."""
+def _time(fn: Callable[[], Any], reps: int, min_s: float = 0.002) -> float:
+    """Median seconds per call over ``reps`` timings (after one warm-up), each repeating the call until it
+    lasts ``min_s`` (a layer of a few microseconds is otherwise timer noise)."""
+    t0 = time.perf_counter()
     fn()
+    n = max(1, min(1000, int(min_s / max(time.perf_counter() - t0, 1e-7))))
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+        for _ in range(n):
+            fn()
+        times.append((time.perf_counter() - t0) / n)
     return sorted(times)[len(times) // 2]
+
+
+def _whole_model_faster(model: nn.Module, args: tuple, swaps: list[tuple[nn.Module, type, type]], reps: int) -> bool:
+    """Time the whole model with and without ``swaps`` ``(module, dense class, sparse class)``, interleaved:
+    layers timed alone can mislead (caches, threads); the swapped model must be faster as a whole."""
+
+    def state(sparse: bool) -> None:
+        for m, dense_cls, sparse_cls in swaps:
+            m.__class__ = sparse_cls if sparse else dense_cls
+
+    def run() -> None:
+        model(*args)
+
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for sparse in (False, True):
+        state(sparse)
+        run()
+    for r in range(max(3, reps)):
+        for sparse in ((False, True) if r % 2 == 0 else (True, False)):
+            state(sparse)
+            t0 = time.perf_counter()
+            run()
+            times[sparse].append(time.perf_counter() - t0)
+    faster = sorted(times[True])[len(times[True]) // 2] < sorted(times[False])[len(times[False]) // 2]
+    state(faster)
+    return faster
 
 
 @torch.no_grad()
@@ -277,7 +307,9 @@ def sparsify(
     ``example_inputs`` (a tensor or a tuple) are run once to capture each layer's real input (the shape
     the deployment uses: the choice depends on it). A layer is a candidate when its weight sparsity is at
     least ``min_sparsity``; it is swapped when dense time / best sparse time ≥ ``min_speedup`` (median of
-    ``reps`` timings each). ``fuse``: fold a following BatchNorm2d / ReLU into a swapped conv. ``kernel``:
+    ``reps`` timings each). Then the whole model is timed with and without the swaps (interleaved): if it
+    is not faster as a whole, every swap is undone (``"reverted": True`` per layer). ``min_speedup=0``
+    swaps every candidate without that check (to test the kernels). ``fuse``: fold a following BatchNorm2d / ReLU into a swapped conv. ``kernel``:
     try the direct C++ kernel (built on first use; without a compiler the CSR forms are tried alone and
     ``prunq.runtime._direct.available()`` says why). Returns, per candidate layer, ``{"sparsity",
     "dense_ms", "<impl>_ms" ..., "sparse_ms" (the best sparse), "impl", "sparse", "fused"}``. In place; the
@@ -299,13 +331,15 @@ def sparsify(
 
         return hook
 
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     hooks = [m.register_forward_pre_hook(keep(n)) for n, m in candidates.items()]
     try:
-        model(*(example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)))
+        model(*args)
     finally:
         for h in hooks:
             h.remove()
     report: dict[str, dict[str, Any]] = {}
+    swaps: list[tuple[nn.Module, type, type]] = []
     for name, module in candidates.items():
         x = captured.get(name)
         if x is None:
@@ -323,6 +357,7 @@ def sparsify(
             dense_s, sparse_s = _time(lambda: module(x), reps), _time(lambda: trial(x), reps)
             entry.update(dense_ms=1e3 * dense_s, csr_ms=1e3 * sparse_s, sparse_ms=1e3 * sparse_s)
             if dense_s / sparse_s >= min_speedup:
+                swaps.append((module, type(module), SparseLinear))
                 module.__class__ = SparseLinear
                 module._prunq_csr = trial._prunq_csr
                 entry.update(sparse=True, impl="csr")
@@ -345,13 +380,24 @@ def sparsify(
         entry.update(dense_ms=1e3 * dense_s, sparse_ms=1e3 * times[best], **{f"{i}_ms": 1e3 * t for i, t in times.items()})
         if dense_s / times[best] < min_speedup:
             continue
-        module.__class__ = SparseConv2d if type(module) is nn.Conv2d else SparseConvTranspose2d
+        cls = SparseConv2d if type(module) is nn.Conv2d else SparseConvTranspose2d
+        swaps.append((module, type(module), cls))
+        module.__class__ = cls
         module._prunq_spec = specs[best]
         if bn is not None:
+            swaps.append((bn, type(bn), AbsorbedBatchNorm2d))
             bn.__class__ = AbsorbedBatchNorm2d
         if relu is not None:
+            swaps.append((relu, type(relu), AbsorbedReLU))
             relu.__class__ = AbsorbedReLU
         entry.update(sparse=True, impl=best, fused=[n for n in (bn_name, relu_name) if n])
+    if swaps and min_speedup > 0 and not _whole_model_faster(model, args, swaps, reps):
+        for m, _, _ in swaps:
+            for attr in ("_prunq_spec", "_prunq_csr"):
+                m.__dict__.pop(attr, None)
+        for entry in report.values():  # measured slower as a whole: back to dense, said per layer
+            if entry["sparse"]:
+                entry.update(sparse=False, impl="dense", reverted=True, fused=[])
     return report
 
 
