@@ -285,3 +285,87 @@ def test_a_hostile_entry_is_one_line(bad):
 
     with pytest.raises(PrunqError, match=r"model.json: transforms\[0\]"):
         replay(M(), [{"op": "remove_channels", **bad}])
+
+
+class _Escapes2(nn.Module):
+    """A layer-scale parameter, a hard-coded reshape, a BatchNorm called twice, a deprecated op that warns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(2, 4, 1, bias=False)
+        self.scale = nn.Parameter(torch.arange(1.0, 5.0).view(1, 4, 1, 1))
+        self.b = nn.Conv2d(2, 4, 1, bias=False)
+        self.c = nn.Conv2d(2, 4, 1, bias=False)
+        self.d = nn.Conv2d(2, 4, 1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.e = nn.Conv2d(2, 4, 1, bias=False)
+        self.fc = nn.Linear(4 * 9, 2)
+        self.head = nn.Conv2d(4, 1, 1)
+
+    def forward(self, x):
+        y = self.head(self.a(x) * self.scale)  # channel k scaled by its own parameter
+        z = self.fc(self.b(x).view(-1, 36))  # 36 = 4 channels x 9 pixels, written down
+        w = self.head(self.bn(self.c(x)) + self.bn(self.d(x)))
+        u = self.head(F.upsample(self.e(x), scale_factor=1))  # deprecated: warns while tracing
+        return y + w + u, z
+
+
+import torch.nn.functional as F  # noqa: E402
+
+
+def test_layer_scales_fixed_reshapes_and_shared_batchnorms_keep_their_channels():
+    torch.manual_seed(0)
+    m = _Escapes2().eval()
+    for layer in (m.a, m.b, m.c, m.d, m.e):
+        _zero_out(layer, [3])
+    r = remove_channels(m, torch.randn(1, 2, 3, 3))
+    mods = r.entry["modules"]
+    assert "a" not in mods and "b" not in mods and "c" not in mods and "d" not in mods and "bn" not in mods
+    assert "e" not in mods  # F.upsample is not modelled: e's channel stays, and its warning refused nothing
+
+
+def test_a_quantized_constant_folded_into_a_linear_passes_the_check():
+    from prunq.quant import QuantConfig, calibrate, convert, prepare
+
+    torch.manual_seed(0)
+    m = _ConstNet().eval()
+    _zero_out(m.fc1, [3], bias=-1.0)  # sigmoid(-1) = 0.2689..., quantized on fc2's 4-bit input grid
+    x = torch.randn(3, 2, 6, 6)
+    prepare(m, QuantConfig(weight_bits=4, act_bits=4))
+    calibrate(m, [x])
+    convert(m)
+    r = _check(m, x)
+    assert r.model.fc1.out_features == 5 and r.folded == 1
+
+
+def test_a_run_with_masks_only_records_its_conversion_and_loads_back(tmp_path):
+    import prunq
+    from prunq.prune import masks as M
+    from prunq.quant import convert
+    from prunq.tasks.classification.models import build
+
+    torch.manual_seed(0)
+    m = build("digits_cnn").eval()
+    layers = [mod for mod in m.modules() if isinstance(mod, (nn.Conv2d, nn.Linear))]
+    for layer in layers[:-1]:
+        M.attach_mask(layer, soft=False)
+        with torch.no_grad():
+            M.get_mask(layer).mask[::2] = 0.0
+    manifest = {"format": 2, "model": {"origin": "zoo", "task": "digits", "name": "digits_cnn", "kwargs": {}},
+                "transforms": [{"op": "mask", "layers": [n for n, mod in m.named_modules() if mod in layers[:-1]]}]}  # fmt: skip
+    convert(m)
+    x = torch.randn(4, 1, 8, 8)
+    r = remove_channels(m, x, manifest)
+    assert [t["op"] for t in r.manifest["transforms"]] == ["mask", "convert", "remove_channels"]
+    prunq.save((r.model, r.manifest), tmp_path / "run")
+    with torch.no_grad():
+        assert torch.equal(prunq.load(tmp_path / "run")(x), r.model(x))
+
+
+def test_kept_channels_are_named_by_their_original_index_even_when_rounds_run_out():
+    torch.manual_seed(0)
+    m = _Residual().eval()
+    _zero_out(m.stem, [1, 3])
+    _zero_out(m.b, [1])
+    r = remove_channels(m, torch.randn(2, 3, 5, 5), max_rounds=1)
+    assert "coupled" in r.kept["stem[3]"] and "stem[2]" not in r.kept

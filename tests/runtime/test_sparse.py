@@ -182,3 +182,27 @@ def test_a_model_not_faster_as_a_whole_is_put_back(monkeypatch):
     assert {type(m) for m in net.modules()} == {_Net, nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.ReLU, nn.Linear}
     with torch.no_grad():
         assert torch.equal(net(x), want)
+
+
+def test_a_swapped_model_runs_with_autograd_on_and_an_explicit_output_size(kernel):
+    net = _sparse_net()
+    x = torch.randn(1, 3, 32, 32)
+    sparsify(net, x, min_speedup=0.0)
+    xg = x.clone().requires_grad_(True)
+    with torch.no_grad():
+        want = net(x)
+    assert torch.allclose(net(xg).detach(), want, atol=1e-5)  # outside no_grad: no view-in-no_grad error
+    up = net.up
+    assert isinstance(up, SparseConvTranspose2d)
+    h = torch.randn(1, 8, 5, 5)
+    with torch.no_grad():
+        odd = up(h, output_size=(11, 11))
+        dense = F.conv_transpose2d(h, up.weight, None, 2, 1, 1)  # output padding 1: 11 x 11
+        dense = torch.relu(net.bn2.__class__.__bases__[0].forward(net.bn2, dense))
+    assert odd.shape[-2:] == (11, 11) and _close(dense, odd)
+
+
+def test_a_float64_model_is_left_alone():
+    net = _sparse_net().double()
+    report = sparsify(net, torch.randn(1, 3, 32, 32, dtype=torch.float64))
+    assert report == {} and not any(isinstance(m, (SparseConv2d, SparseLinear)) for m in net.modules())

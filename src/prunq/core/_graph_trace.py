@@ -410,6 +410,7 @@ class _Analysis:
             return None
         if str(n.target) in self.channel_modules:  # called twice: its channels serve two inputs
             self.escape(v)
+            self.escape(_Val(1, tuple(self.channel_modules[str(n.target)])))
         self.channel_modules[str(n.target)] = list(v.chans)
         return self.merge(n.name, list(v.chans), _bn_alive0(str(n.target), mod.num_features), 1)
 
@@ -418,11 +419,29 @@ class _Analysis:
         s, out = self.shape(x), self.shape(n)
         return s is not None and out is not None and len(s) == len(out) and (v.cdim is None or out[v.cdim] == s[v.cdim])
 
+    def extra_tensors(self, n: torch.fx.Node, args: tuple, kwargs: dict) -> bool:
+        """Whether an op reads tensors besides its first argument (then its per-channel reading of the
+        first one cannot be sliced blindly)."""
+        found = False
+
+        def visit(a: Any) -> Any:
+            nonlocal found
+            m = self.meta.get(a) if isinstance(a, torch.fx.Node) else a
+            found = found or isinstance(m, _T) or isinstance(m, torch.Tensor) and m.numel() > 1
+            return a
+
+        map_aggregate((args[1:], dict(kwargs)), visit)
+        return found
+
     def op_zero(self, n: torch.fx.Node, args: tuple, kwargs: dict) -> _Val | None:
+        if args and self.extra_tensors(n, args, kwargs):
+            self.escape(self.val(args[0]))
         v = self.val(args[0]) if args else None
         return v if v is not None and self.same_channels(v, n, args[0]) else None
 
     def op_eval(self, n: torch.fx.Node, args: tuple, kwargs: dict) -> _Val | None:
+        if args and self.extra_tensors(n, args, kwargs):
+            self.escape(self.val(args[0]))
         v = self.val(args[0]) if args else None
         if v is None or not self.same_channels(v, n, args[0]):
             return None
@@ -480,6 +499,10 @@ class _Analysis:
             return None
         if va is None or vb is None:  # tensor (op) constant: per channel, f(0) decides
             v, x = (va, a) if vb is None else (vb, b)
+            other = b if vb is None else a
+            const = self.meta.get(other) if isinstance(other, torch.fx.Node) else other
+            if isinstance(const, torch.Tensor) and const.numel() > 1:  # a parameter (layer scale): per channel
+                self.escape(v)
             return self.from_zero_response(n, x, v) if self.same_channels(v, n, x) else None
         out = self.shape(n)
         sa, sb = self.shape(a), self.shape(b)
@@ -527,6 +550,8 @@ class _Analysis:
         d, size = v.cdim, len(v.chans)
         if len(out) <= d or tuple(out[:d]) != tuple(s[:d]):
             return self.uniform(self.collapse(v))
+        if self.fixed_size(n, args, kwargs, d):  # x.view(-1, 400), view_as(y): breaks once channels go
+            self.escape(v)
         new, inner = out[d], math.prod(s[d + 1 :])
         if new % size == 0 and inner % (new // size) == 0:  # channel-major flatten: k features per channel
             k = new // size
@@ -536,6 +561,20 @@ class _Analysis:
             self.escape(v)
             return _Val(d, tuple(_union(v.chans[j * m : (j + 1) * m]) for j in range(new)))
         return self.uniform(self.collapse(v))
+
+    def fixed_size(self, n: torch.fx.Node, args: tuple, kwargs: dict, d: int) -> bool:
+        """Whether a reshape states the size of output dim ``d`` (the channel's) as a number or takes it
+        from another tensor, rather than inferring it (-1) or reading it from the input itself."""
+        target = str(n.target) if n.op == "call_method" else getattr(n.target, "__name__", "")
+        if target in ("view_as", "reshape_as", "unflatten"):
+            return True
+        if target not in ("view", "reshape"):
+            return False  # flatten, squeeze, unsqueeze: derived from the input's own shape
+        sizes = args[1:]
+        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+            sizes = tuple(sizes[0])
+        sizes = sizes or tuple(kwargs.get("shape", kwargs.get("size", ())))
+        return d < len(sizes) and isinstance(sizes[d], int) and sizes[d] != -1
 
     def op_permute(self, n: torch.fx.Node, args: tuple, kwargs: dict) -> _Val | None:
         v, s = self.val(args[0]), self.shape(args[0])

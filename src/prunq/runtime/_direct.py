@@ -265,6 +265,8 @@ class PlanS1:
 
 def make_plan(weight, bias, stride, padding, dilation, in_shape, relu=False, bw=64):
     """The best plan for a 3x3-style conv: unpadded stride-1 kernel, else the phase-split kernel."""
+    if len(in_shape) != 4 or in_shape[1] != weight.shape[1] or weight.dtype != torch.float32 or weight.device.type != "cpu":
+        raise ValueError(f"direct sparse conv: a float32 CPU weight {tuple(weight.shape)} cannot take input {tuple(in_shape)}")
     if stride == 1:
         return PlanS1(weight, bias, padding, dilation, in_shape, relu=relu, bw=bw)
     return PlanStrided(weight, bias, stride, padding, dilation, in_shape, relu=relu, bw=bw)

@@ -18,7 +18,8 @@ BatchNorm and ReLU modules become pass-throughs. The timing compares like with l
 ReLU against the fused sparse pass). This is for inference: the model is put in eval mode, and
 :func:`desparsify` undoes every swap before training or export.
 
-Swaps change a module's class to a subclass (``SparseConv2d``, ``SparseConvTranspose2d``, ``SparseLinear``,
+A swap snapshots the weights (CSR parts, kernel plans): after changing them, :func:`desparsify` and
+sparsify again. Swaps change a module's class to a subclass (``SparseConv2d``, ``SparseConvTranspose2d``, ``SparseLinear``,
 ``AbsorbedBatchNorm2d``, ``AbsorbedReLU``); every parameter and buffer stays as it was, so the state dict,
 the cost model and ``desparsify`` see the same model; outputs equal the dense converted model's up to float
 summation order. Quantized weights run as their float values (``k · step``): an integer path (int8 values,
@@ -78,14 +79,23 @@ class _Spec:
         self.csr = _csr(self.w) if impl == "csr" else None
 
     def __deepcopy__(self, memo: dict) -> _Spec:  # plans hold scratch buffers: rebuilt on demand
-        return _Spec(self.w.clone(), None if self.b is None else self.b.clone(), self.stride, self.padding,
-                     self.dilation, self.relu, self.shuffle, self.impl)  # fmt: skip
+        new = _Spec(self.w.clone(), None if self.b is None else self.b.clone(), self.stride, self.padding,
+                    self.dilation, self.relu, self.shuffle, self.impl)  # fmt: skip
+        for attr in ("convt_w", "convt_b"):
+            if hasattr(self, attr):
+                v = getattr(self, attr)
+                setattr(new, attr, None if v is None else v.clone())
+        return new
 
+    @torch.no_grad()  # inference only: no gradient flows through a swapped layer
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         unbatched = x.dim() == 3
         if unbatched:
             x = x[None]
-        x = x.contiguous()
+        if x.dim() != 4 or x.shape[1] != self.w.shape[1] or x.dtype != torch.float32 or x.device.type != "cpu":
+            raise RuntimeError(f"sparse conv: expected a float32 CPU input of {self.w.shape[1]} channels, got "
+                               f"{x.dtype} {tuple(x.shape)} on {x.device}")  # fmt: skip
+        x = x.detach().contiguous()
         if self.impl == "direct":
             key = tuple(x.shape)
             plan = self.plans.get(key)
@@ -132,7 +142,13 @@ class SparseConvTranspose2d(nn.ConvTranspose2d):
     _prunq_spec: _Spec
 
     def forward(self, x: torch.Tensor, output_size: Any = None) -> torch.Tensor:  # noqa: D102
-        return self._prunq_spec(x)
+        if output_size is None:
+            return self._prunq_spec(x)
+        # an explicit output size (odd sizes in a U-Net) needs output padding: the dense kernel, same fusion
+        spec = self._prunq_spec
+        pad = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation)
+        y = F.conv_transpose2d(x, spec.convt_w, spec.convt_b, self.stride, self.padding, pad, 1, self.dilation)
+        return torch.relu(y) if spec.relu else y
 
 
 class SparseLinear(nn.Linear):
@@ -251,7 +267,10 @@ def _specs(m: nn.Module, bn: nn.Module | None, relu: bool, impls: list[str]) -> 
     w, b = _effective(m, bn)
     if type(m) is nn.ConvTranspose2d:
         b4 = None if b is None else b.repeat_interleave(4)
-        return {i: _Spec(convtranspose_as_conv3x3(w), b4, 1, 1, 1, relu, shuffle=2, impl=i) for i in impls}
+        specs = {i: _Spec(convtranspose_as_conv3x3(w), b4, 1, 1, 1, relu, shuffle=2, impl=i) for i in impls}
+        for spec in specs.values():  # the folded transposed weights, for a call with output_size
+            spec.convt_w, spec.convt_b = w.contiguous(), b
+        return specs
     s, p, d = _conv_geometry(m)  # type: ignore[misc]
     return {i: _Spec(w, b, s, p, d, relu, impl=i) for i in impls}
 
@@ -283,17 +302,20 @@ def _whole_model_faster(model: nn.Module, args: tuple, swaps: list[tuple[nn.Modu
         model(*args)
 
     times: dict[bool, list[float]] = {True: [], False: []}
-    for sparse in (False, True):
-        state(sparse)
-        run()
-    for r in range(max(3, reps)):
-        for sparse in ((False, True) if r % 2 == 0 else (True, False)):
+    faster = False
+    try:
+        for sparse in (False, True):
             state(sparse)
-            t0 = time.perf_counter()
             run()
-            times[sparse].append(time.perf_counter() - t0)
-    faster = sorted(times[True])[len(times[True]) // 2] < sorted(times[False])[len(times[False]) // 2]
-    state(faster)
+        for r in range(max(3, reps)):
+            for sparse in ((False, True) if r % 2 == 0 else (True, False)):
+                state(sparse)
+                t0 = time.perf_counter()
+                run()
+                times[sparse].append(time.perf_counter() - t0)
+        faster = sorted(times[True])[len(times[True]) // 2] < sorted(times[False])[len(times[False]) // 2]
+    finally:
+        state(faster)
     return faster
 
 
@@ -321,7 +343,8 @@ def sparsify(
     mods = dict(model.named_modules())
     chains = _chains(model) if fuse else {}
     candidates = {n: m for n, m in mods.items()
-                  if type(m) is nn.Linear or _conv_geometry(m) is not None or _upsampling(m)}  # fmt: skip
+                  if (type(m) is nn.Linear or _conv_geometry(m) is not None or _upsampling(m))
+                  and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"}  # fmt: skip
     have_kernel = _direct.available()[0] if kernel else False
     captured: dict[str, torch.Tensor] = {}
 
@@ -342,8 +365,8 @@ def sparsify(
     swaps: list[tuple[nn.Module, type, type]] = []
     for name, module in candidates.items():
         x = captured.get(name)
-        if x is None:
-            continue  # not used by this forward
+        if x is None or x.dtype != torch.float32:
+            continue  # not used by this forward, or not a float32 input
         w = module.weight
         sparsity = float((w == 0).sum()) / w.numel()
         entry: dict[str, Any] = {"sparsity": sparsity, "sparse": False, "impl": "dense", "fused": []}
