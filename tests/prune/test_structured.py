@@ -313,6 +313,7 @@ class _Escapes2(nn.Module):
 import torch.nn.functional as F  # noqa: E402
 
 
+@pytest.mark.filterwarnings("ignore:`nn.functional.upsample` is deprecated")
 def test_layer_scales_fixed_reshapes_and_shared_batchnorms_keep_their_channels():
     torch.manual_seed(0)
     m = _Escapes2().eval()
