@@ -370,3 +370,26 @@ def test_kept_channels_are_named_by_their_original_index_even_when_rounds_run_ou
     _zero_out(m.b, [1])
     r = remove_channels(m, torch.randn(2, 3, 5, 5), max_rounds=1)
     assert "coupled" in r.kept["stem[3]"] and "stem[2]" not in r.kept
+
+
+def test_the_self_check_refuses_a_misread_structure_even_beside_a_large_output(monkeypatch):
+    """Review: the allowance for rounding flips once let a wrong small head through beside a big map."""
+    from prunq.prune import structured as S
+
+    class TwoOutputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 1)
+            self.feat = nn.Conv2d(4, 16, 1, bias=False)
+            self.fc = nn.Linear(4, 10)
+
+        def forward(self, x):
+            h = torch.relu(self.c(x))
+            return self.feat(h), self.fc(h.mean((2, 3)))
+
+    torch.manual_seed(0)
+    m = TwoOutputs().eval()
+    _zero_out(m.c, [1], bias=0.5)  # a constant channel: folded into feat (unpadded) ... if folding works
+    monkeypatch.setattr(S, "_fold", lambda mod, consts: False)  # a stand-in for a misread structure
+    with pytest.raises(PrunqError, match="structure the channel graph misreads"):
+        remove_channels(m, torch.randn(2, 3, 32, 32))

@@ -566,7 +566,7 @@ class _Analysis:
         """Whether a reshape states the size of output dim ``d`` (the channel's) as a number or takes it
         from another tensor, rather than inferring it (-1) or reading it from the input itself."""
         target = str(n.target) if n.op == "call_method" else getattr(n.target, "__name__", "")
-        if target in ("view_as", "reshape_as", "unflatten"):
+        if target in ("view_as", "reshape_as"):
             return True
         if target not in ("view", "reshape"):
             return False  # flatten, squeeze, unsqueeze: derived from the input's own shape

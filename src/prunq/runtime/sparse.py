@@ -147,7 +147,8 @@ class SparseConvTranspose2d(nn.ConvTranspose2d):
         # an explicit output size (odd sizes in a U-Net) needs output padding: the dense kernel, same fusion
         spec = self._prunq_spec
         pad = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation)
-        y = F.conv_transpose2d(x, spec.convt_w, spec.convt_b, self.stride, self.padding, pad, 1, self.dilation)
+        with torch.no_grad():
+            y = F.conv_transpose2d(x, spec.convt_w, spec.convt_b, self.stride, self.padding, pad, 1, self.dilation)
         return torch.relu(y) if spec.relu else y
 
 
@@ -156,6 +157,7 @@ class SparseLinear(nn.Linear):
 
     _prunq_csr: tuple
 
+    @torch.no_grad()  # inference only, like the other swapped layers
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         lead = x.shape[:-1]
         y = (_as_csr(self._prunq_csr) @ x.reshape(-1, x.shape[-1]).t()).t()
