@@ -393,3 +393,43 @@ def test_the_self_check_refuses_a_misread_structure_even_beside_a_large_output(m
     monkeypatch.setattr(S, "_fold", lambda mod, consts: False)  # a stand-in for a misread structure
     with pytest.raises(PrunqError, match="structure the channel graph misreads"):
         remove_channels(m, torch.randn(2, 3, 32, 32))
+
+
+class _Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        self.layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, batch_first=True, dropout=0.0)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.layer(self.embed(x)).mean(1))
+
+
+def test_whole_attention_heads_go_when_their_value_projection_is_zero(tmp_path):
+    import prunq
+    from prunq.core.attention import decompose_attention_
+
+    torch.manual_seed(0)
+    m = _Encoder().eval()
+    decompose_attention_(m)
+    att = m.layer.self_attn
+    with torch.no_grad():
+        att.v_proj.weight[4:8] = 0.0  # head 1 (head_dim 4): its output is 0 whatever the scores
+        att.v_proj.bias[4:8] = 0.0
+        att.q_proj.weight[8:12] = 0.0  # head 2's queries only: uniform attention, not zero: stays
+    x = torch.randn(2, 5, 6)
+    manifest = {"format": 2, "model": {"origin": "user", "class": "_Encoder"},
+                "transforms": [{"op": "decompose_attention", "layers": ["layer.self_attn"]}]}  # fmt: skip
+    r = _check(m, x, manifest=manifest)
+    small = r.model.layer.self_attn
+    assert r.heads == {"layer.self_attn": (4, 3)} and small.num_heads == 3
+    assert small.q_proj.out_features == small.v_proj.out_features == 12 and small.out_proj.in_features == 12
+    assert r.entry["modules"]["layer.self_attn"] == {"heads": [0, 2, 3]}
+    assert r.removed == 0  # head 2's zero query rows stay: the encoder layer is one opaque op to the trace
+    prunq.save((r.model, r.manifest), tmp_path / "run")
+    fresh = _Encoder()
+    with torch.no_grad():
+        assert torch.equal(prunq.load(tmp_path / "run", model=fresh)(x), r.model(x))
+    with pytest.raises(PrunqError, match="heads were removed"):
+        small.to_mha()

@@ -207,6 +207,11 @@ class DecomposedAttention(nn.Module):
     def to_mha(self) -> nn.MultiheadAttention:
         """An ``nn.MultiheadAttention`` computing the same function (effective weights: masks and
         quantizers baked in), e.g. for export to runtimes that fuse attention."""
+        if self.num_heads * self.head_dim != self.embed_dim:
+            raise PrunqError(
+                f"DecomposedAttention.to_mha: {self.embed_dim // self.head_dim - self.num_heads} heads were removed "
+                "(prunq.remove_channels); nn.MultiheadAttention cannot express fewer heads than embed_dim / head_dim"
+            )
         w = stored_weight(self.out_proj)
         mha = nn.MultiheadAttention(
             self.embed_dim,
@@ -324,7 +329,7 @@ class DecomposedAttention(nn.Module):
                 weights = weights.mean(dim=1)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
-        out = self.out_proj(out.transpose(1, 2).reshape(n, tgt_len, self.embed_dim))
+        out = self.out_proj(out.transpose(1, 2).reshape(n, tgt_len, self.num_heads * self.head_dim))
 
         if not batched:
             out = out.squeeze(0)

@@ -173,12 +173,13 @@ Indices = Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_lengt
 
 
 class Kept(_Strict):
-    """The original indices a sliced module keeps: ``out`` / ``in`` channels of a layer, or a
-    BatchNorm's ``channels``."""
+    """The original indices a sliced module keeps: ``out`` / ``in`` channels of a layer, a BatchNorm's
+    ``channels``, or an attention module's ``heads``."""
 
     out: Indices | None = None
     in_: Indices | None = Field(None, alias="in")
     channels: Indices | None = None
+    heads: Indices | None = None
 
 
 class RemoveEntry(Entry):

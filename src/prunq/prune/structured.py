@@ -12,6 +12,10 @@ deletes it, with the matching input channels of every layer it feeds and the Bat
   only inside the border, so that channel is kept (reported in :attr:`Removal.kept`);
 * channels meeting at a residual add, a product or a batch concatenation are removed together or not
   at all; a depthwise convolution loses an input channel only with its output channel;
+* a whole attention head goes when its value projection is all zero (its output is 0 whatever the scores):
+  its q/k/v rows and its out_proj columns, ``num_heads`` one less (:class:`~prunq.core.attention.
+  DecomposedAttention`; this needs no trace, so a model ``torch.fx`` cannot trace still loses its heads;
+  the attention *weights* returned with ``need_weights=True`` then average over the kept heads);
 * a channel used anywhere other than a layer's input through channel-preserving ops (the model's output,
   an op the graph does not model, a reduction over channels, a fixed index into the channel dim: see
   :meth:`prunq.core.graph.ChannelGraph.escaped`) is kept, as are the channels of grouped (not
@@ -72,6 +76,8 @@ class Removal:
     ``folded``: constant channels folded into a consumer's bias. ``kept``: channels that are constant but
     stayed, ``{"layer[c]": why}``. ``max_rel_diff``: the self-check's largest output change, relative to
     the output's largest magnitude (activation fake-quantizers on: see :data:`CHECK_FRACTION`).
+    ``manifest``: the run's manifest with the transform appended (when one was given). ``heads``: per
+    attention module whose value projection left whole heads zero, ``(heads before, after)``.
     """
 
     model: nn.Module
@@ -80,6 +86,8 @@ class Removal:
     folded: int = 0
     kept: dict[str, str] = field(default_factory=dict)
     max_rel_diff: float = 0.0
+    heads: dict[str, tuple[int, int]] = field(default_factory=dict)
+    manifest: dict[str, Any] | None = None
 
     @property
     def removed(self) -> int:
@@ -117,9 +125,10 @@ def _channel_dim(mod: nn.Module, ndim: int) -> int:
 def _constant_outputs(model: nn.Module, graph: ChannelGraph) -> set[Source]:
     """Output channels whose kept weights all see dead inputs: ``bias[c]`` for every input."""
     dead = graph.dead_input_channels(model)
-    out: set[Source] = set()
+    traced = set(graph.layers)  # a layer inside a module the trace keeps whole (torch.nn's Transformer
+    out: set[Source] = set()  # layers) is invisible to it: where its output goes is unknown
     for name, mod in compressible_layers(model):
-        if name not in dead or not _sliceable(mod):
+        if name not in dead or name not in traced or not _sliceable(mod):
             continue
         w = to_canonical(mod.weight.detach(), mod)
         nonzero = w.reshape(w.shape[0], w.shape[1], -1).ne(0).any(-1)  # (out, in_per_group)
@@ -312,6 +321,11 @@ def replay(model: nn.Module, entry: dict[str, Any]) -> None:
     """Give ``model`` the shapes a ``remove_channels`` entry records (values come from the state dict;
     a layer listed under ``bias`` gets a zero bias first)."""
     named = dict(model.named_modules(remove_duplicate=False))
+    for name, spec in entry["modules"].items():  # heads first: the layers' indices are relative to after
+        if spec.get("heads") is not None:
+            if not _is_attention(named[name]):
+                raise ValueError(f"{name}: not an attention module")
+            _slice_heads(named[name], list(spec["heads"]), name)
     for name in entry.get("bias", []):
         mod = named[name]
         if not is_compressible(mod) or mod.bias is not None:
@@ -319,12 +333,45 @@ def replay(model: nn.Module, entry: dict[str, Any]) -> None:
         mod.bias = nn.Parameter(torch.zeros(out_channels(mod), dtype=mod.weight.dtype, device=mod.weight.device))
     for name, spec in entry["modules"].items():
         mod = named[name]
+        if spec.get("heads") is not None:
+            continue
         if "channels" in spec and spec["channels"] is not None:
             _slice_bn(mod, list(spec["channels"]), name)
         elif is_compressible(mod):
             _slice_layer(mod, spec.get("out"), spec.get("in"), name)
         else:
             raise ValueError(f"{name}: {type(mod).__name__} has no channels to remove")
+
+
+# -- attention heads --------------------------------------------------------------------------------------
+def _is_attention(mod: nn.Module) -> bool:
+    return all(hasattr(mod, a) for a in ("q_proj", "k_proj", "v_proj", "out_proj", "num_heads", "head_dim"))
+
+
+def _head_rows(heads: list[int], d: int) -> list[int]:
+    return [h * d + i for h in heads for i in range(d)]
+
+
+@torch.no_grad()
+def _dead_heads(att: nn.Module) -> list[int]:
+    """Heads whose value projection is all zero (weights and bias): their attention output is exactly 0
+    whatever the scores, so the head's q/k/v rows and out_proj columns only ever meet zeros."""
+    d, n = int(att.head_dim), int(att.num_heads)
+    w = att.v_proj.weight.detach().reshape(n, d, -1).ne(0).any(-1).any(-1)
+    b = att.v_proj.bias
+    if b is not None:
+        w |= b.detach().reshape(n, d).ne(0).any(-1)
+    return [h for h in range(n) if not bool(w[h])]
+
+
+def _slice_heads(att: nn.Module, keep: list[int], name: str) -> None:
+    n, d = int(att.num_heads), int(att.head_dim)
+    _keep(keep, n, f"{name} heads")
+    rows = _head_rows(keep, d)
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        _slice_layer(getattr(att, proj), rows, None, f"{name}.{proj}")
+    _slice_layer(att.out_proj, None, rows, f"{name}.out_proj")
+    att.num_heads = len(keep)
 
 
 # -- the public entry point -------------------------------------------------------------------------------
@@ -398,13 +445,25 @@ def remove_channels(
     sizes: dict[str, dict[str, tuple[int, int]]] = {}
     added_bias: list[str] = []
     folded = 0
+    heads: dict[str, list[int]] = {}
+    head_sizes: dict[str, tuple[int, int]] = {}
+    for name, mod in list(small.named_modules()):  # whole attention heads first: local to their module
+        if _is_attention(mod):
+            n = int(mod.num_heads)
+            keep = [h for h in range(n) if h not in set(_dead_heads(mod))] or [0]
+            if len(keep) < n:
+                _slice_heads(mod, keep, name)
+                heads[name], head_sizes[name] = keep, (n, len(keep))
     for _ in range(max_rounds):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             graph = ChannelGraph.build(small, args)
-        if not graph.traced:  # ChannelGraph warns why; here that is an error
+        if not graph.traced:  # ChannelGraph warns why; here that is an error, unless heads went already
             why = next((str(w.message) for w in caught if "ChannelGraph" in str(w.message)), "it cannot be traced")
-            raise PrunqError(f"remove_channels: {why}")
+            if not heads:
+                raise PrunqError(f"remove_channels: {why}")
+            names = {"*": f"no channel removed: {why}"}
+            break
         kept.clear()
         plan = _plan(small, graph, args, kept)
         names = {f"{n}[{out_idx[n][c] if n in out_idx else c}]": why for (n, c), why in kept.items()}
@@ -436,7 +495,7 @@ def remove_channels(
             orig = bn_idx.setdefault(name, list(range(mod.num_features)))
             bn_idx[name] = [orig[k] for k in keep]
             _slice_bn(mod, keep, name)
-    modules: dict[str, dict[str, Any]] = {}
+    modules: dict[str, dict[str, Any]] = {name: {"heads": keep} for name, keep in sorted(heads.items())}
     for name in sorted(set(out_idx) | set(in_idx)):
         spec: dict[str, Any] = {}
         (o0, o1), (i0, i1) = sizes[name]["out"], sizes[name]["in"]
@@ -450,7 +509,7 @@ def remove_channels(
         modules[name] = {"channels": bn_idx[name]}
     entry = {"op": "remove_channels", "modules": modules, "bias": sorted(added_bias)}
     result = Removal(small, entry, {n: v for n, v in sizes.items() if v["out"][1] < v["out"][0] or
-                                    v["in"][1] < v["in"][0]}, folded, names)  # fmt: skip
+                                    v["in"][1] < v["in"][0]}, folded, names, heads=head_sizes)  # fmt: skip
     model.eval()
     try:
         worst, frac = 0.0, 0.0
