@@ -433,3 +433,11 @@ def test_whole_attention_heads_go_when_their_value_projection_is_zero(tmp_path):
         assert torch.equal(prunq.load(tmp_path / "run", model=fresh)(x), r.model(x))
     with pytest.raises(PrunqError, match="heads were removed"):
         small.to_mha()
+
+
+def test_nothing_to_remove_leaves_the_manifest_as_it_was():
+    torch.manual_seed(0)
+    m = _Chain().eval()
+    manifest = {"format": 2, "model": {"origin": "user"}, "transforms": [{"op": "mask", "layers": ["c1"]}]}
+    r = remove_channels(m, torch.randn(1, 3, 8, 8), manifest)
+    assert r.removed == 0 and r.entry["modules"] == {} and r.manifest == manifest

@@ -536,6 +536,9 @@ def remove_channels(
         from prunq.core.records import converted_layers
 
         m = json.loads(json.dumps(manifest))
+        if not modules and not added_bias:  # nothing went: the manifest (and any file from it) stays as it was
+            result.manifest = m
+            return result
         ops = [t.get("op") for t in m.get("transforms", [])]
         if "convert" not in ops and ({"mask", "quantize", "quantize_config"} & set(ops) or converted_layers(model)):
             # masks and quantizers are baked before the slicing replays (a masks-only run has no buffers)
