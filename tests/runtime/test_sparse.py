@@ -206,3 +206,14 @@ def test_a_float64_model_is_left_alone():
     net = _sparse_net().double()
     report = sparsify(net, torch.randn(1, 3, 32, 32, dtype=torch.float64))
     assert report == {} and not any(isinstance(m, (SparseConv2d, SparseLinear)) for m in net.modules())
+
+
+@pytest.mark.parametrize("h,w", [(9, 150), (5, 8)])  # the stride-1 kernel; narrow: its fallback
+def test_the_pixel_shuffle_fused_into_the_kernel_equals_pixel_shuffle(kernel, h, w):
+    g = torch.Generator().manual_seed(h)
+    weight = torch.randn(12, 5, 3, 3, generator=g) * (torch.rand(12, 5, 3, 3, generator=g) < 0.3)
+    bias = torch.randn(12, generator=g)
+    x = torch.randn(2, 5, h, w, generator=g)
+    want = F.pixel_shuffle(torch.relu(F.conv2d(x, weight, bias, 1, 1)), 2)
+    got = kernel.make_plan(weight, bias, 1, 1, 1, tuple(x.shape), relu=True, shuffle=True)(x)
+    assert got.shape == want.shape and _close(want, got)

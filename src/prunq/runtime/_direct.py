@@ -110,9 +110,11 @@ static void run_s1(const float* __restrict X, int64_t B, int64_t Cin, int64_t H,
                    const int64_t* __restrict rowptr, const int64_t* __restrict offs, const int64_t* __restrict dys,
                    const int64_t* __restrict dxs, const float* __restrict vals, const float* __restrict bias,
                    float* __restrict Y, int64_t Cout, int64_t Ho, int64_t Wo, int64_t xa, int64_t xb, bool relu,
-                   int64_t rows_per_task) {
+                   int64_t rows_per_task, bool shuffle) {
   constexpr int NV = BW / 16;
   const int64_t ntiles = (Ho + rows_per_task - 1) / rows_per_task;
+  // shuffle: pixel_shuffle(2) fused into the stores: channel co = 4c + 2py + px lands at (c, 2y + py, 2x + px)
+  const int64_t es = shuffle ? 2 : 1, rs = shuffle ? 4 * Wo : Wo;
   #pragma omp parallel for schedule(dynamic, 1) collapse(2)
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t t = 0; t < ntiles; ++t) {
@@ -121,9 +123,10 @@ static void run_s1(const float* __restrict X, int64_t B, int64_t Cin, int64_t H,
       for (int64_t co = 0; co < Cout; ++co) {
         const int64_t e0 = rowptr[co], e1 = rowptr[co + 1];
         const float bv = bias ? bias[co] : 0.f;
-        float* Yc = Y + (b * Cout + co) * Ho * Wo;
+        float* Yc = shuffle ? Y + ((b * (Cout / 4) + co / 4) * 2 * Ho + (co / 2) % 2) * 2 * Wo + co % 2
+                            : Y + (b * Cout + co) * Ho * Wo;
         for (int64_t y = y0; y < y1; ++y) {
-          float* yr = Yc + y * Wo;
+          float* yr = Yc + y * rs;
           const float* Xr = Xb + y * W;
           for (int64_t x0 = xa; x0 < xb; x0 += BW) {
             const int64_t xs = std::min(x0, xb - BW);
@@ -142,8 +145,16 @@ static void run_s1(const float* __restrict X, int64_t B, int64_t Cin, int64_t H,
               #pragma GCC unroll 16
               for (int k = 0; k < NV; ++k) acc[k] = acc[k] > 0.f ? acc[k] : vf{};
             }
-            #pragma GCC unroll 16
-            for (int k = 0; k < NV; ++k) *(vf*)(yr + xs + 16 * k) = acc[k];
+            if (!shuffle) {
+              #pragma GCC unroll 16
+              for (int k = 0; k < NV; ++k) *(vf*)(yr + xs + 16 * k) = acc[k];
+            } else {
+              float tmp[BW];
+              #pragma GCC unroll 16
+              for (int k = 0; k < NV; ++k) *(vf*)(tmp + 16 * k) = acc[k];
+              float* yp = yr + 2 * xs;
+              for (int i = 0; i < BW; ++i) yp[2 * i] = tmp[i];
+            }
           }
           for (int64_t x = 0; x < Wo; ++x) {
             if (x == xa && xb > xa) { x = xb - 1; continue; }
@@ -153,7 +164,7 @@ static void run_s1(const float* __restrict X, int64_t B, int64_t Cin, int64_t H,
               if (yy < 0 || yy >= H || xx < 0 || xx >= W) continue;
               a += vals[e] * Xr[offs[e] + x];
             }
-            yr[x] = relu && a < 0.f ? 0.f : a;
+            yr[es * x] = relu && a < 0.f ? 0.f : a;
           }
         }
       }
@@ -163,15 +174,17 @@ static void run_s1(const float* __restrict X, int64_t B, int64_t Cin, int64_t H,
 
 torch::Tensor spconv_s1(torch::Tensor X, torch::Tensor rowptr, torch::Tensor offs, torch::Tensor dys,
                         torch::Tensor dxs, torch::Tensor vals, c10::optional<torch::Tensor> bias, int64_t Cout,
-                        int64_t Ho, int64_t Wo, int64_t xa, int64_t xb, bool relu, int64_t bw, int64_t rows_per_task) {
+                        int64_t Ho, int64_t Wo, int64_t xa, int64_t xb, bool relu, int64_t bw, int64_t rows_per_task,
+                        bool shuffle) {
   TORCH_CHECK(X.is_contiguous() && X.dtype() == torch::kFloat32 && X.dim() == 4);
   TORCH_CHECK(xb - xa >= bw || xb <= xa, "interior narrower than the block");
+  TORCH_CHECK(!shuffle || Cout % 4 == 0, "pixel shuffle needs 4 channels per output channel");
   const int64_t B = X.size(0), Cin = X.size(1), H = X.size(2), W = X.size(3);
-  auto Y = torch::empty({B, Cout, Ho, Wo}, X.options());
+  auto Y = shuffle ? torch::empty({B, Cout / 4, 2 * Ho, 2 * Wo}, X.options()) : torch::empty({B, Cout, Ho, Wo}, X.options());
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   #define CALL1(BWV) run_s1<BWV>(X.data_ptr<float>(), B, Cin, H, W, rowptr.data_ptr<int64_t>(), offs.data_ptr<int64_t>(), \
       dys.data_ptr<int64_t>(), dxs.data_ptr<int64_t>(), vals.data_ptr<float>(), bp, Y.data_ptr<float>(), Cout, Ho, Wo, \
-      xa, xb, relu, rows_per_task)
+      xa, xb, relu, rows_per_task, shuffle)
   if (bw == 16) CALL1(16); else if (bw == 32) CALL1(32); else if (bw == 64) CALL1(64); else if (bw == 128) CALL1(128);
   else TORCH_CHECK(false, "bw");
   return Y;
@@ -234,8 +247,9 @@ class PlanS1:
     """Stride-1 sparse conv straight on the unpadded input (no pad/fill copy). Falls back to
     SparseConvPlan when the interior is narrower than the vector block."""
 
-    def __init__(self, weight, bias, padding, dilation, in_shape, relu=False, bw=64, rows_per_task=4):
+    def __init__(self, weight, bias, padding, dilation, in_shape, relu=False, bw=64, rows_per_task=4, shuffle=False):
         B, Cin, H, W = in_shape
+        self.shuffle = bool(shuffle)
         Cout, _, kh, kw = weight.shape
         p, d = padding, dilation
         self.Ho, self.Wo = H + 2 * p - d * (kh - 1), W + 2 * p - d * (kw - 1)
@@ -258,17 +272,22 @@ class PlanS1:
 
     def __call__(self, x):
         if self.fallback is not None:
-            return self.fallback(x)
+            y = self.fallback(x)
+            return torch.nn.functional.pixel_shuffle(y, 2) if self.shuffle else y
         return _kernel().spconv_s1(x.contiguous(), self.rowptr, self.offs, self.dys, self.dxs, self.vals, self.bias,
-                               self.Cout, self.Ho, self.Wo, self.xa, self.xb, self.relu, self.bw, self.rpt)
+                                   self.Cout, self.Ho, self.Wo, self.xa, self.xb, self.relu, self.bw, self.rpt,
+                                   self.shuffle)
 
 
-def make_plan(weight, bias, stride, padding, dilation, in_shape, relu=False, bw=64):
-    """The best plan for a 3x3-style conv: unpadded stride-1 kernel, else the phase-split kernel."""
+def make_plan(weight, bias, stride, padding, dilation, in_shape, relu=False, bw=64, shuffle=False):
+    """The best plan for a 3x3-style conv: unpadded stride-1 kernel, else the phase-split kernel.
+    ``shuffle``: the output goes through ``pixel_shuffle(2)`` (fused into the stride-1 kernel's stores)."""
     if len(in_shape) != 4 or in_shape[1] != weight.shape[1] or weight.dtype != torch.float32 or weight.device.type != "cpu":
         raise ValueError(f"direct sparse conv: a float32 CPU weight {tuple(weight.shape)} cannot take input {tuple(in_shape)}")
     if stride == 1:
-        return PlanS1(weight, bias, padding, dilation, in_shape, relu=relu, bw=bw)
+        return PlanS1(weight, bias, padding, dilation, in_shape, relu=relu, bw=bw, shuffle=shuffle)
+    if shuffle:
+        raise ValueError("direct sparse conv: the fused pixel shuffle is for stride-1 convs")
     return PlanStrided(weight, bias, stride, padding, dilation, in_shape, relu=relu, bw=bw)
 
 

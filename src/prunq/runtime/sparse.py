@@ -101,14 +101,14 @@ class _Spec:
             plan = self.plans.get(key)
             if plan is None:
                 plan = self.plans[key] = _direct.make_plan(self.w, self.b, self.stride, self.padding, self.dilation,
-                                                           key, relu=self.relu)  # fmt: skip
-            y = plan(x)
+                                                           key, relu=self.relu, shuffle=self.shuffle == 2)  # fmt: skip
+            y = plan(x)  # the pixel shuffle is fused into the kernel's stores
         else:
             y = self._csr_conv(x)
             if self.relu:
                 y = torch.relu_(y)
-        if self.shuffle:
-            y = F.pixel_shuffle(y, self.shuffle)
+            if self.shuffle:
+                y = F.pixel_shuffle(y, self.shuffle)
         return y[0] if unbatched else y
 
     def _csr_conv(self, x: torch.Tensor) -> torch.Tensor:
