@@ -103,28 +103,13 @@ def channel_prune(model: nn.Module, inputs: tuple, fraction: float) -> nn.Module
         w = w.transpose(0, 1) if isinstance(m, nn.ConvTranspose2d) else w
         n = w.reshape(w.shape[0], -1).norm(dim=1)
         norms[name] = n / n.mean().clamp_min(1e-12)
-    parent: dict[Any, Any] = {}
-
-    def find(x: Any) -> Any:
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            x = parent[x]
-        return x
-
-    for g in graph.coupled_groups():
-        first, *rest = sorted(g)
-        for x in rest:
-            parent[find(x)] = find(first)
-    for name, m in layers.items():
-        if getattr(m, "groups", 1) == 1:
-            for c in range(out_channels(m)):
-                find((name, c))
-    clusters: dict[Any, list] = {}
-    for x in list(parent):
-        clusters.setdefault(find(x), []).append(x)
+    clusters = [sorted(g) for g in graph.coupled_groups()]  # disjoint: channels that go together
+    grouped = {x for g in clusters for x in g}
+    clusters += [[(name, c)] for name, m in layers.items() if getattr(m, "groups", 1) == 1
+                 for c in range(out_channels(m)) if (name, c) not in grouped]  # fmt: skip
     escaped = graph.escaped()
     buckets: dict[frozenset, list] = {}
-    for every in clusters.values():
+    for every in clusters:
         if any(x[0].startswith("<") or x in escaped or x[0] not in norms for x in every):
             continue
         key = frozenset(x[0] for x in every)

@@ -21,7 +21,7 @@ from torch import nn
 from torch.fx.node import map_aggregate
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from prunq.core.layers import is_compressible, out_channels
+from prunq.core.layers import channel_dim, input_count, is_compressible, out_channels
 
 if TYPE_CHECKING:  # pragma: no cover
     from prunq.core.graph import ChannelGraph
@@ -32,16 +32,6 @@ Source = tuple[str, int]
 _Ref = tuple[int, int]  # (internal producer id, channel)
 _INPUT, _OPAQUE, _LAYER, _MERGE, _PRODUCT = range(5)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-
-def input_count(module: nn.Module) -> int:
-    """Input channels (features for a Linear) of a compressible layer."""
-    return int(module.in_features if isinstance(module, nn.Linear) else module.in_channels)
-
-
-def _channel_dim(module: nn.Module, ndim: int) -> int:
-    """Channel dim of a layer's input/output: last for Linear; before the spatial dims for a conv."""
-    return ndim - 1 if isinstance(module, nn.Linear) else ndim - len(module.kernel_size) - 1
 
 
 def _is_quantizer(module: nn.Module) -> bool:
@@ -269,7 +259,7 @@ class _Analysis:
             self.g._sources[name] = [expand.set(s) for s in self.g._prods[i].inputs[0]]
         self.g._channel_modules = {t: [expand.set(s) for s in chans] for t, chans in self.channel_modules.items()}
         self.g._escaped = expand.set(frozenset(self.escapes))
-        self.g._pairs = self.pairs()
+        self.g._chains = self.chains()
 
     # -- where channels leave what the graph can slice ------------------------------------------------------
     def escape(self, v: Any) -> None:
@@ -387,7 +377,7 @@ class _Analysis:
         if v is None or s is None or out is None:
             return None
         cin, cout = input_count(mod), out_channels(mod)
-        if v.cdim is not None and v.cdim == _channel_dim(mod, len(s)) and len(v.chans) == cin:
+        if v.cdim is not None and v.cdim == channel_dim(mod, len(s)) and len(v.chans) == cin:
             chans = list(v.chans)
         else:
             chans = [self.collapse(v)] * cin
@@ -402,7 +392,7 @@ class _Analysis:
         if groups > 1 and cin == groups:  # depthwise (x multiplier): output o is input o // mult, scaled
             mult = cout // groups
             self.g._ties.extend(chans[o // mult] | {(i, o)} for o in range(cout))
-        return _Val(_channel_dim(mod, len(out)), tuple(frozenset({(i, o)}) for o in range(cout)))
+        return _Val(channel_dim(mod, len(out)), tuple(frozenset({(i, o)}) for o in range(cout)))
 
     def batchnorm(self, n: torch.fx.Node, mod: _BatchNorm) -> _Val | None:
         v, out = self.val(n.args[0] if n.args else None), self.shape(n)
@@ -683,25 +673,34 @@ class _Analysis:
             d_out += 0 if isinstance(i, int) else 1
         return None
 
-    # -- BN folding -------------------------------------------------------------------------------------
-    def pairs(self) -> list[tuple[str, str]]:
+    # -- conv -> BatchNorm -> ReLU chains (folding, fusion) -----------------------------------------------
+    def chains(self) -> dict[str, tuple[str | None, str | None]]:
+        """``{conv: (batchnorm or None, relu or None)}`` for every conv called once: the BatchNorm (running
+        statistics for the conv's channels) when it is the conv output's only user, called once; the
+        ``nn.ReLU`` when it is the only user of that (or of the conv's) output, called once."""
         nodes = [n for n in self.gm.graph.nodes if n.op == "call_module"]
         calls = Counter(n.target for n in nodes)
-        result = []
+
+        def only_user(n: torch.fx.Node) -> tuple[torch.fx.Node, nn.Module] | None:
+            if len(n.users) != 1:
+                return None
+            (user,) = n.users
+            if user.op != "call_module" or user.args != (n,) or user.kwargs or calls[user.target] != 1:
+                return None
+            return user, self.modules.get(user.target)
+
+        result: dict[str, tuple[str | None, str | None]] = {}
         for node in nodes:
             conv = self.modules.get(node.target)
-            if not isinstance(conv, _CONVS) or len(node.users) != 1:
+            if not isinstance(conv, _CONVS) or calls[node.target] != 1:
                 continue
-            (user,) = node.users
-            if user.op != "call_module" or user.args != (node,) or user.kwargs:
-                continue
-            bn = self.modules.get(user.target)
-            if (
-                calls[node.target] == 1
-                and calls[user.target] == 1
-                and isinstance(bn, _BatchNorm)
-                and bn.running_mean is not None
-                and bn.num_features == out_channels(conv)
-            ):
-                result.append((str(node.target), str(user.target)))
+            bn, relu, last = None, None, node
+            nxt = only_user(node)
+            if nxt is not None and isinstance(nxt[1], _BatchNorm) and nxt[1].running_mean is not None \
+                    and nxt[1].num_features == out_channels(conv):  # fmt: skip
+                bn, last = str(nxt[0].target), nxt[0]
+                nxt = only_user(last)
+            if nxt is not None and type(nxt[1]) is nn.ReLU:
+                relu = str(nxt[0].target)
+            result[str(node.target)] = (bn, relu)
         return result

@@ -32,9 +32,9 @@ import torch.fx
 from torch import nn
 
 from prunq.core._graph_trace import (
-    _LAYER, _MERGE, _PRODUCT, Source, _Analysis, _Expander, _Producer, _Ref, _ShapePass, _Tracer, input_count,
+    _LAYER, _MERGE, _PRODUCT, Source, _Analysis, _Expander, _Producer, _Ref, _ShapePass, _Tracer,
 )  # fmt: skip
-from prunq.core.layers import compressible_layers, is_compressible, out_channels, to_canonical
+from prunq.core.layers import compressible_layers, input_count, is_compressible, out_channels, to_canonical
 
 __all__ = ["ChannelGraph", "Source", "input_count"]
 
@@ -55,7 +55,7 @@ class ChannelGraph:
         self._prods: list[_Producer] = []
         self._layer_ids: dict[str, int] = {}
         self._ties: list[frozenset[_Ref]] = []
-        self._pairs: list[tuple[str, str]] = []
+        self._chains: dict[str, tuple[str | None, str | None]] = {}
         self._sources: dict[str, list[frozenset[Source]]] = {}
         self._channel_modules: dict[str, list[frozenset[Source]]] = {}
         self._escaped: frozenset[Source] = frozenset()
@@ -129,7 +129,13 @@ class ChannelGraph:
     def conv_bn_pairs(self) -> list[tuple[str, str]]:
         """``(conv, bn)`` pairs that may be folded: the conv's output feeds only that BatchNorm, each module
         is called once, and the BatchNorm has running statistics for the conv's channels (fold.py's rule)."""
-        return list(self._pairs)
+        return [(conv, bn) for conv, (bn, _) in self._chains.items() if bn is not None]
+
+    def conv_chains(self) -> dict[str, tuple[str | None, str | None]]:
+        """``{conv: (batchnorm or None, relu or None)}``: what may be fused into each conv called once — the
+        BatchNorm of :meth:`conv_bn_pairs`, then an ``nn.ReLU`` module that alone reads its output (or the
+        conv's), called once (the sparse runtime's fusion)."""
+        return dict(self._chains)
 
     def coupled_groups(self) -> list[frozenset[Source]]:
         """Producer channels that must be removed together: those meeting at an elementwise op (residual
@@ -194,6 +200,21 @@ class ChannelGraph:
                     continue
                 if new != dead[i]:
                     dead[i], changed = new, True
+        return result
+
+
+    @torch.no_grad()
+    def constant_outputs(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """``{layer: BoolTensor(output channels)}`` for the layers the trace calls: channels that do not
+        depend on the input — every non-zero weight of the row sees a dead input —, so each outputs its bias
+        (0 without one) everywhere. :meth:`dead_input_channels`'s rule with the bias left out."""
+        dead = self.dead_input_channels(model)
+        result = {}
+        for name, i in self._layer_ids.items():
+            rows = _layer_rows(model, self._prods[i])
+            if rows is not None and name in dead:
+                nonzero, _, groups = rows
+                result[name] = torch.tensor(_dead_outputs((nonzero, None, groups), dead[name].tolist(), self._prods[i].size))
         return result
 
 

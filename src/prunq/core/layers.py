@@ -66,6 +66,16 @@ def out_channels(module: nn.Module) -> int:
     return int(module.out_channels)
 
 
+def input_count(module: nn.Module) -> int:
+    """Input channels (features for a Linear) of a compressible layer."""
+    return int(module.in_features if isinstance(module, nn.Linear) else module.in_channels)
+
+
+def channel_dim(module: nn.Module, ndim: int) -> int:
+    """Channel dim of a layer's ``ndim``-D input/output: last for a Linear; before the spatial dims for a conv."""
+    return ndim - 1 if isinstance(module, nn.Linear) else ndim - len(module.kernel_size) - 1
+
+
 def canonical_shape(module: nn.Module, shape: torch.Size | None = None) -> tuple[int, ...]:
     """Shape of the canonical view ``(out, in_per_group, *kernel)`` of ``module.weight``."""
     shape = tuple(shape if shape is not None else stored_weight(module).shape)

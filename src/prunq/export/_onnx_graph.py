@@ -60,22 +60,15 @@ class _MarkFn(torch.autograd.Function):
         return out
 
 
-class _WeightMarker(nn.Module):
-    def __init__(self, index: int) -> None:
+class _Marker(nn.Module):
+    """Marks a layer's weight (a parametrization) or its input (in place of its input quantizer)."""
+
+    def __init__(self, kind: str, index: int) -> None:
         super().__init__()
-        self.index = index
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return _MarkFn.apply(w, WEIGHT_MARK, self.index)
-
-
-class _ActMarker(nn.Module):
-    def __init__(self, index: int) -> None:
-        super().__init__()
-        self.index = index
+        self.kind, self.index = kind, index
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _MarkFn.apply(x, ACT_MARK, self.index)
+        return _MarkFn.apply(x, self.kind, self.index)
 
 
 # -- the layers ----------------------------------------------------------------------------------------
@@ -146,21 +139,28 @@ def collect_layers(model: nn.Module, what: str) -> list[Layer]:
     return layers
 
 
-def export_marked(model: nn.Module, example_inputs: Any, what: str, opset: int = 13) -> MarkedGraph:
-    """Trace a marked copy of ``model`` (left untouched) to ONNX at ``opset`` (≤ 20)."""
+def export_marked(
+    model: nn.Module, example_inputs: Any, what: str, opset: int = 13, require_quantized: str | None = None
+) -> MarkedGraph:
+    """Trace a marked copy of ``model`` (left untouched) to ONNX at ``opset`` (≤ 20). ``require_quantized``
+    (the format's name): every compressed layer must have a weight quantizer."""
     if opset > TORCHSCRIPT_MAX_OPSET:
         raise PrunqError(f"{what}: opset {opset} is above what torch's exporter writes ({TORCHSCRIPT_MAX_OPSET})")
     layers = collect_layers(model, what)
+    if require_quantized:
+        require_weight_quantizers(layers, what, require_quantized)
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     marked = copy.deepcopy(model).eval()
     marked.requires_grad_(False)
     modules = dict(marked.named_modules())
     for i, layer in enumerate(layers):
         m = modules[layer.name]
-        parametrize.register_parametrization(m, "weight", _WeightMarker(i), unsafe=True)
+        parametrize.register_parametrization(m, "weight", _Marker(WEIGHT_MARK, i), unsafe=True)
         if getattr(m, INPUT_QUANTIZER, None) is not None:
-            setattr(m, INPUT_QUANTIZER, _ActMarker(i))
-    return MarkedGraph(trace(marked, inputs, what, opset), layers)
+            setattr(m, INPUT_QUANTIZER, _Marker(ACT_MARK, i))
+    proto = trace(marked, inputs, what, opset)
+    check_unique_markers(proto.graph, what)
+    return MarkedGraph(proto, layers)
 
 
 def trace(model: nn.Module, example_inputs: Any, what: str, opset: int) -> Any:

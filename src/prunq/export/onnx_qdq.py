@@ -208,12 +208,9 @@ def to_onnx_qdq(model: nn.Module, example_inputs: Any, int4: bool = False, *, al
     """
     onnx = G._onnx()
     opset = G.TORCHSCRIPT_MAX_OPSET if int4 else OPSET
-    marked = G.export_marked(model, example_inputs, WHAT, opset)
-    if not allow_float:
-        G.require_weight_quantizers(marked.layers, WHAT, "ONNX QDQ export")
+    marked = G.export_marked(model, example_inputs, WHAT, opset, None if allow_float else "ONNX QDQ export")
     proto = marked.model
     graph = proto.graph
-    G.check_unique_markers(graph, WHAT)
     for use, n in enumerate(G.markers(graph, G.WEIGHT_MARK)):
         layer = marked.layers[G.attr(n, "index")]
         if layer.weight_q is None:

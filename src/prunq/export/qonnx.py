@@ -64,11 +64,9 @@ def to_qonnx(model: nn.Module, example_inputs: Any, *, opset: int = 13, cleanup:
             unsupported layer type, an unconverted model, or a graph torch cannot export.
     """
     onnx = G._onnx()
-    marked = G.export_marked(model, example_inputs, WHAT, opset)
-    G.require_weight_quantizers(marked.layers, WHAT, "QONNX")
+    marked = G.export_marked(model, example_inputs, WHAT, opset, require_quantized="QONNX")
     proto = marked.model
     graph = proto.graph
-    G.check_unique_markers(graph, WHAT)
     for use, n in enumerate(G.markers(graph, G.WEIGHT_MARK)):
         layer = marked.layers[G.attr(n, "index")]
         wq = layer.weight_q

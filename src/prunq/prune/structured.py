@@ -50,8 +50,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from prunq.core.errors import PrunqError
-from prunq.core.graph import ChannelGraph, Source, input_count
-from prunq.core.layers import compressible_layers, is_compressible, out_channels, to_canonical
+from prunq.core.graph import ChannelGraph, Source
+from prunq.core.layers import channel_dim, input_count, is_compressible, out_channels
 from prunq.core.records import CONVERTED_STEP
 
 __all__ = ["Removal", "remove_channels", "replay"]
@@ -116,29 +116,12 @@ def _foldable(mod: nn.Module) -> bool:
     return pad == "valid" or (isinstance(pad, tuple) and all(p == 0 for p in pad))
 
 
-def _channel_dim(mod: nn.Module, ndim: int) -> int:
-    return ndim - 1 if isinstance(mod, nn.Linear) else ndim - len(mod.kernel_size) - 1
-
-
 # -- one round --------------------------------------------------------------------------------------------
-@torch.no_grad()
 def _constant_outputs(model: nn.Module, graph: ChannelGraph) -> set[Source]:
-    """Output channels whose kept weights all see dead inputs: ``bias[c]`` for every input."""
-    dead = graph.dead_input_channels(model)
-    traced = set(graph.layers)  # a layer inside a module the trace keeps whole (torch.nn's Transformer
-    out: set[Source] = set()  # layers) is invisible to it: where its output goes is unknown
-    for name, mod in compressible_layers(model):
-        if name not in dead or name not in traced or not _sliceable(mod):
-            continue
-        w = to_canonical(mod.weight.detach(), mod)
-        nonzero = w.reshape(w.shape[0], w.shape[1], -1).ne(0).any(-1)  # (out, in_per_group)
-        live_in = ~dead[name]
-        if _depthwise(mod):
-            live = nonzero[:, 0] & live_in
-        else:
-            live = (nonzero & live_in[None, :]).any(1)
-        out.update((name, int(c)) for c in (~live).nonzero().flatten())
-    return out
+    """Output channels of sliceable layers that do not depend on the input: ``bias[c]`` for every input."""
+    mods = dict(model.named_modules())
+    return {(name, int(c)) for name, const in graph.constant_outputs(model).items() if _sliceable(mods[name])
+            for c in const.nonzero().flatten()}  # fmt: skip
 
 
 @torch.no_grad()
@@ -152,7 +135,8 @@ def _input_constants(model: nn.Module, layers: list[str], example_inputs: tuple)
         def fn(mod: nn.Module, args: tuple) -> None:
             calls[name] = calls.get(name, 0) + 1
             x = args[0]
-            c = x.movedim(_channel_dim(mod, x.dim()), 0).reshape(x.shape[_channel_dim(mod, x.dim())], -1)
+            d = channel_dim(mod, x.dim())
+            c = x.movedim(d, 0).reshape(x.shape[d], -1)
             lo, hi = c.amin(1), c.amax(1)
             seen[name] = ((lo == hi) & torch.isfinite(lo), lo.double())
 

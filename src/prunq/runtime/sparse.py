@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -220,36 +219,17 @@ def convtranspose_as_conv3x3(weight: torch.Tensor) -> torch.Tensor:
     return w.reshape(cout * 4, cin, 3, 3)
 
 
-def _chains(model: nn.Module) -> dict[str, tuple[str | None, str | None]]:
-    """``{conv: (batchnorm or None, relu or None)}`` for Conv2d / ConvTranspose2d modules called once whose
-    output feeds only that BatchNorm2d (eval statistics), whose output feeds only that ReLU."""
-    from prunq.core._graph_trace import _Tracer
+def _chains(model: nn.Module, args: tuple) -> dict[str, tuple[str | None, str | None]]:
+    """``{conv: (batchnorm or None, relu or None)}`` to fuse: the channel graph's conv chains
+    (:meth:`~prunq.core.graph.ChannelGraph.conv_chains`) whose BatchNorm is a BatchNorm2d."""
+    from prunq.core.graph import ChannelGraph
 
-    try:
-        graph = _Tracer().trace(model)
-    except Exception:  # untraceable: no fusion, layers are still swapped one by one
-        return {}
+    with warnings.catch_warnings():  # untraceable: no fusion, layers are still swapped one by one
+        warnings.simplefilter("ignore")
+        graph = ChannelGraph.build(model, args)
     mods = dict(model.named_modules())
-    nodes = [n for n in graph.nodes if n.op == "call_module"]
-    calls = Counter(n.target for n in nodes)
-
-    def only_user(n: torch.fx.Node, kind: type) -> torch.fx.Node | None:
-        if len(n.users) != 1:
-            return None
-        (u,) = n.users
-        ok = u.op == "call_module" and u.args == (n,) and not u.kwargs and calls[u.target] == 1
-        return u if ok and type(mods[u.target]) is kind else None
-
-    out: dict[str, tuple[str | None, str | None]] = {}
-    for n in nodes:
-        if calls[n.target] != 1 or type(mods[n.target]) not in (nn.Conv2d, nn.ConvTranspose2d):
-            continue
-        bn = only_user(n, nn.BatchNorm2d)
-        if bn is not None and mods[bn.target].running_mean is None:
-            bn = None
-        relu = only_user(bn if bn is not None else n, nn.ReLU)
-        out[str(n.target)] = (None if bn is None else str(bn.target), None if relu is None else str(relu.target))
-    return out
+    return {conv: (bn, relu) if bn is None or type(mods[bn]) is nn.BatchNorm2d else (None, None)
+            for conv, (bn, relu) in graph.conv_chains().items()}  # fmt: skip
 
 
 def _effective(m: nn.Module, bn: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -343,7 +323,6 @@ def sparsify(
         raise PrunqError("sparsify: the model still has masks or weight quantizers; prunq.convert it first")
     model.eval()
     mods = dict(model.named_modules())
-    chains = _chains(model) if fuse else {}
     candidates = {n: m for n, m in mods.items()
                   if (type(m) is nn.Linear or _conv_geometry(m) is not None or _upsampling(m))
                   and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"}  # fmt: skip
@@ -357,6 +336,7 @@ def sparsify(
         return hook
 
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    chains = _chains(model, args) if fuse else {}
     hooks = [m.register_forward_pre_hook(keep(n)) for n, m in candidates.items()]
     try:
         model(*args)
