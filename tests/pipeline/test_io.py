@@ -278,3 +278,25 @@ def test_evaluate_on_a_hostile_manifest_exits_2_with_one_line(tmp_path):
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert f"{MANIFEST_FILE}: transforms[0] (quantize).layers['features.conv1'].weight.bits: expected an integer" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_a_model_with_masks_only_converted_after_the_run_saves_and_loads(tmp_path):
+    """Review: prunq.save recorded `convert` only for layers with weight grids, so a masks-only model
+    converted after the run was saved without it and did not load (its masks were replayed)."""
+    import prunq
+    from prunq.prune import masks as M
+    from prunq.quant import convert
+    from prunq.tasks.classification.models import build
+
+    torch.manual_seed(0)
+    m = build("digits_cnn").eval()
+    M.attach_mask(m.classifier.fc1, soft=False)
+    with torch.no_grad():
+        M.get_mask(m.classifier.fc1).mask[::2] = 0.0
+    manifest = {"format": 2, "model": {"origin": "zoo", "task": "digits", "name": "digits_cnn", "kwargs": {}},
+                "transforms": [{"op": "mask", "layers": ["classifier.fc1"]}]}  # fmt: skip
+    convert(m)
+    prunq.save((m, manifest), tmp_path / "run")
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(prunq.load(tmp_path / "run")(x), m(x))

@@ -150,3 +150,19 @@ def converted_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
         if is_compressible(module) and isinstance(step, torch.Tensor):
             out[name] = {"bits": int(getattr(module, CONVERTED_BITS)), "steps": int(step.numel())}
     return out
+
+
+def record_conversion(manifest: dict[str, Any], model: nn.Module) -> None:
+    """Append a ``convert`` transform to ``manifest`` (in place) when ``model`` was converted after the run
+    (``prunq.convert``) and the manifest does not say so yet: the layers it baked with their grids, or none
+    for masks alone (their replay must still bake them before the weights load)."""
+    transforms = manifest.setdefault("transforms", [])
+    ops = {t.get("op") for t in transforms}
+    if "convert" in ops:
+        return
+    converted = converted_layers(model)
+    baked = bool(ops & {"mask", "quantize", "quantize_config"}) and not any(
+        parametrize.is_parametrized(m) for m in model.modules()
+    )
+    if converted or baked:
+        transforms.append({"op": "convert", "layers": converted})

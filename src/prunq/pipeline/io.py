@@ -185,16 +185,14 @@ def save(result: Any, directory: str | Path) -> Path:
     >>> prunq.save(prunq.compress(model, task, recipe), "runs/mine")   # doctest: +SKIP
     >>> prunq.load("runs/mine", model=MyNet())                          # doctest: +SKIP
     """
-    from prunq.quant.prepare import converted_layers
+    from prunq.core.records import record_conversion
 
     if isinstance(result, tuple):
         model, manifest, metrics = result[0], result[1], None
     else:
         model, manifest, metrics = result.model, result.manifest, result.metrics
     manifest = json.loads(json.dumps(manifest))  # a copy, JSON-safe
-    converted = converted_layers(model)
-    if converted and not any(t.get("op") == "convert" for t in manifest["transforms"]):
-        manifest["transforms"].append({"op": "convert", "layers": converted})
+    record_conversion(manifest, model)
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     save_model(d, model, manifest)

@@ -517,16 +517,13 @@ def remove_channels(
     for n, m in small.named_modules():
         m.training = by_name.get(n, model.training)
     if manifest is not None:
-        from prunq.core.records import converted_layers
+        from prunq.core.records import record_conversion
 
         m = json.loads(json.dumps(manifest))
         if not modules and not added_bias:  # nothing went: the manifest (and any file from it) stays as it was
             result.manifest = m
             return result
-        ops = [t.get("op") for t in m.get("transforms", [])]
-        if "convert" not in ops and ({"mask", "quantize", "quantize_config"} & set(ops) or converted_layers(model)):
-            # masks and quantizers are baked before the slicing replays (a masks-only run has no buffers)
-            m.setdefault("transforms", []).append({"op": "convert", "layers": converted_layers(model)})
+        record_conversion(m, model)  # masks and quantizers are baked before the slicing replays
         m.setdefault("transforms", []).append(entry)
         result.manifest = m
     return result
